@@ -1,0 +1,334 @@
+"""Audio front end of a session: pushed PCM -> 20 ms chunks -> per-frame audio units.
+
+The ASR thread owns the session's :class:`AudioInbox`. It cuts each utterance into
+20 ms chunks of 16 kHz PCM, tags each chunk speech or silence (energy VAD with a
+hangover), groups chunks in pairs (one pair per 40 ms video frame), computes the
+model's audio features for speech frames once their right context (lookahead) is
+available, and hands :class:`AudioUnit` objects to the inference thread through a
+bounded :class:`StageQueue` (blocking put: backpressure, nothing dropped unless an
+interrupt makes it stale).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Generic, TypeVar
+
+import numpy as np
+
+from clock import CHUNK_SAMPLES, FRAME_SAMPLES, SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Energy VAD: a 20 ms chunk is speech above this level. Speech recordings sit at
+# -30..-10 dBFS RMS; room noise and dither well below -50 dBFS.
+VAD_THRESHOLD_DBFS = -45.0
+# Frames kept tagged as speech after the last speech chunk (VAD hangover), so the
+# model can close the mouth smoothly instead of snapping to the idle frame.
+VAD_HANGOVER_FRAMES = 3
+# An utterance with no end-of-utterance mark is closed after this much input silence (s).
+UTTERANCE_GAP_S = 0.3
+
+
+class SpeechQueueFull(RuntimeError):
+    """Raised when pushed audio would exceed the session's buffered-audio budget."""
+
+
+@dataclass
+class AudioSegment:
+    """A piece of pushed audio. ``pcm`` is float32 (samples,) at 16 kHz mono in [-1, 1]."""
+
+    pcm: np.ndarray
+    epoch: int
+    end_of_utterance: bool = True
+    t_in: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AudioUnit:
+    """One video frame's audio: 2 chunks (640 samples), tag and model features.
+
+    Attributes:
+        pcm: float32 (640,) 16 kHz audio of the frame.
+        chunk_speech: bool (2,) speech tag per 20 ms chunk.
+        speech: the frame needs a model call (speech, or inside the VAD hangover).
+        features: model features (shape model-defined) or None for silence.
+        loop_index: avatar loop frame to draw on.
+        index: frame index within the utterance.
+        epoch: interrupt epoch.
+        final: last frame of its utterance.
+        t_in: monotonic time (s) the audio entered the session.
+        stamps: per-stage monotonic timestamps (s).
+    """
+
+    pcm: np.ndarray
+    chunk_speech: np.ndarray
+    speech: bool
+    features: np.ndarray | None
+    loop_index: int
+    index: int
+    epoch: int
+    final: bool = False
+    t_in: float = 0.0
+    stamps: dict[str, float] = field(default_factory=dict)
+
+
+def chunk_levels_dbfs(pcm: np.ndarray) -> np.ndarray:
+    """RMS level in dBFS of each 20 ms chunk of ``pcm`` (float32, length a multiple of 320)."""
+    chunks = pcm.reshape(-1, CHUNK_SAMPLES).astype(np.float64)
+    rms = np.sqrt(np.mean(chunks * chunks, axis=1))
+    return 20.0 * np.log10(rms + 1e-9)
+
+
+class StageQueue(Generic[T]):
+    """Bounded FIFO between two pipeline threads.
+
+    Policy when full: :meth:`put` blocks (backpressure) until there is room, the
+    item turns stale (``is_stale()``, e.g. an interrupt bumped the epoch), or the
+    queue is closed; stale items are dropped, never queued. :meth:`clear`
+    empties the queue atomically and wakes blocked producers.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.maxsize = maxsize
+        self._items: deque[T] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T, is_stale: Callable[[], bool] = lambda: False, poll: float = 0.1) -> bool:
+        """Queue ``item``; returns False if it was dropped as stale or the queue closed."""
+        with self._cond:
+            while not self._closed and not is_stale() and len(self._items) >= self.maxsize:
+                self._cond.wait(poll)
+            if self._closed or is_stale():
+                return False
+            self._items.append(item)
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float | None = None) -> T | None:
+        """Next item, or None after ``timeout`` (s) with nothing queued or when closed."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items or self._closed, timeout):
+                return None
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def get_nowait(self) -> T | None:
+        with self._cond:
+            if not self._items:
+                return None
+            item = self._items.popleft()
+            self._cond.notify_all()
+            return item
+
+    def clear(self) -> int:
+        with self._cond:
+            n = len(self._items)
+            self._items.clear()
+            self._cond.notify_all()
+            return n
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._items.clear()
+            self._cond.notify_all()
+
+
+class AudioInbox:
+    """A session's queue of pushed audio, bounded by total buffered duration.
+
+    Args:
+        max_seconds: most audio (s) that may wait here; a push beyond it raises
+            :class:`SpeechQueueFull` (``block=False``) or waits for room.
+    """
+
+    def __init__(self, max_seconds: float) -> None:
+        self.max_samples = int(max_seconds * SAMPLE_RATE)
+        self._queue: StageQueue[AudioSegment] = StageQueue(maxsize=1 << 30)
+        self._samples = 0
+        self._lock = threading.Condition()
+
+    @property
+    def pending_samples(self) -> int:
+        return self._samples
+
+    def put(self, segment: AudioSegment, block: bool = False, is_stale: Callable[[], bool] = lambda: False) -> bool:
+        """Queue ``segment``.
+
+        Raises:
+            SpeechQueueFull: ``block`` is False and the budget would be exceeded.
+            ValueError: a single segment longer than the whole budget.
+        Returns False when a blocking put was abandoned because it turned stale.
+        """
+        n = len(segment.pcm)
+        if n > self.max_samples:
+            raise ValueError(
+                f"audio of {n / SAMPLE_RATE:.1f} s exceeds the session's buffer of {self.max_samples / SAMPLE_RATE:.0f} s"
+            )
+        with self._lock:
+            while self._samples + n > self.max_samples:
+                if not block:
+                    raise SpeechQueueFull(
+                        f"speech queue full: {self._samples / SAMPLE_RATE:.1f} s already queued, "
+                        f"limit {self.max_samples / SAMPLE_RATE:.0f} s"
+                    )
+                if is_stale():
+                    return False
+                self._lock.wait(0.1)
+            self._samples += n
+        self._queue.put(segment)
+        return True
+
+    def get(self, timeout: float) -> AudioSegment | None:
+        segment = self._queue.get(timeout)
+        if segment is not None:
+            with self._lock:
+                self._samples -= len(segment.pcm)
+                self._lock.notify_all()
+        return segment
+
+    def clear(self) -> int:
+        """Drop everything queued; returns the samples dropped."""
+        with self._lock:
+            self._queue.clear()
+            dropped, self._samples = self._samples, 0
+            self._lock.notify_all()
+        return dropped
+
+    def close(self) -> None:
+        self._queue.close()
+        with self._lock:
+            self._lock.notify_all()
+
+
+class BaseASR(threading.Thread):
+    """The ASR thread: inbox -> :class:`AudioUnit` stream for the inference thread.
+
+    Args:
+        features: ``window -> features``; ``window`` is float32 covering
+            ``[frame_start - lookbehind, frame_end + lookahead)`` at 16 kHz.
+        lookbehind_chunks / lookahead_chunks: feature context in 20 ms chunks.
+        out_queue: bounded queue to the inference thread.
+        epoch: callable returning the session's current interrupt epoch.
+        loop_hint: callable returning the avatar loop index an utterance starting
+            now should begin on.
+        stop_event: set to end the thread.
+        vad_threshold_dbfs, hangover_frames: speech tagging (see module constants).
+    """
+
+    def __init__(
+        self,
+        features: Callable[[np.ndarray], np.ndarray],
+        lookbehind_chunks: int,
+        lookahead_chunks: int,
+        out_queue: StageQueue[AudioUnit],
+        inbox: AudioInbox,
+        epoch: Callable[[], int],
+        loop_hint: Callable[[], int],
+        stop_event: threading.Event,
+        vad_threshold_dbfs: float = VAD_THRESHOLD_DBFS,
+        hangover_frames: int = VAD_HANGOVER_FRAMES,
+        name: str = "asr",
+    ) -> None:
+        super().__init__(name=name, daemon=True)
+        self.features = features
+        self.lookbehind = lookbehind_chunks * CHUNK_SAMPLES
+        self.lookahead = lookahead_chunks * CHUNK_SAMPLES
+        self.out_queue = out_queue
+        self.inbox = inbox
+        self._epoch = epoch
+        self._loop_hint = loop_hint
+        self._stop_event = stop_event
+        self.vad_threshold = vad_threshold_dbfs
+        self.hangover = hangover_frames
+        self.busy = False  # holds audio of an unfinished utterance
+        self._reset_utterance(-1)
+
+    # -- utterance state -------------------------------------------------------
+    def _reset_utterance(self, epoch: int) -> None:
+        self._buf = np.zeros(0, dtype=np.float32)  # samples from frame_start - lookbehind
+        self._frame = 0  # index of the next frame to emit
+        self._since_speech = self.hangover + 1
+        self._epoch_seen = epoch
+        self._loop_start = 0
+        self._t_in = 0.0
+        self._last_input = 0.0
+        self.busy = False
+
+    def _stale(self) -> bool:
+        return self._epoch() != self._epoch_seen or self._stop_event.is_set()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            segment = self.inbox.get(timeout=0.05)
+            if self._epoch() != self._epoch_seen:
+                self._reset_utterance(self._epoch())
+            if segment is None:
+                if self.busy and time.monotonic() - self._last_input > UTTERANCE_GAP_S:
+                    self._emit(flush=True)
+                continue
+            if segment.epoch != self._epoch_seen:
+                continue
+            if not self.busy:  # a new utterance
+                self._buf = np.zeros(self.lookbehind, dtype=np.float32)
+                self._frame = 0
+                self._loop_start = self._loop_hint()
+                self.busy = True
+            self._t_in = segment.t_in  # frames emitted from here on are this segment's
+            self._last_input = time.monotonic()
+            self._buf = np.concatenate([self._buf, segment.pcm.astype(np.float32, copy=False)])
+            self._emit(flush=segment.end_of_utterance)
+
+    def _emit(self, flush: bool) -> None:
+        """Emit every frame whose lookahead is available; on ``flush`` pad and close."""
+        if flush:
+            body = len(self._buf) - self.lookbehind
+            frames = -(-max(body, 0) // FRAME_SAMPLES) + 1  # +1: a trailing silent final frame
+            need = self.lookbehind + frames * FRAME_SAMPLES + self.lookahead
+            self._buf = np.pad(self._buf, (0, max(0, need - len(self._buf))))
+        span = self.lookbehind + FRAME_SAMPLES + self.lookahead
+        while len(self._buf) >= span and not self._stale():
+            window = self._buf[:span]
+            pcm = window[self.lookbehind : self.lookbehind + FRAME_SAMPLES]
+            levels = chunk_levels_dbfs(window[self.lookbehind :])  # frame + lookahead chunks
+            chunk_speech = levels[:2] > self.vad_threshold
+            if np.any(levels > self.vad_threshold):  # this frame or its lookahead
+                self._since_speech = 0
+            else:
+                self._since_speech += 1
+            speech = self._since_speech <= self.hangover
+            final = flush and len(self._buf) - FRAME_SAMPLES < span
+            unit = AudioUnit(
+                pcm=pcm.copy(),
+                chunk_speech=chunk_speech,
+                speech=speech,
+                features=self.features(window) if speech else None,
+                loop_index=self._loop_start + self._frame,
+                index=self._frame,
+                epoch=self._epoch_seen,
+                final=final,
+                t_in=self._t_in,
+            )
+            unit.stamps["features"] = time.monotonic()
+            if not self.out_queue.put(unit, is_stale=self._stale):
+                return
+            self._buf = self._buf[FRAME_SAMPLES:]
+            self._frame += 1
+        if flush:
+            self._reset_utterance(self._epoch_seen)

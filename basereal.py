@@ -1,0 +1,353 @@
+"""The session worker: TTS, ASR, inference and compositing threads of one session.
+
+Data flow (each arrow a bounded queue; a full queue blocks its producer, so the
+whole pipeline is paced by the playout, and an interrupt bumps the session's
+*epoch* so every stage drops what it holds)::
+
+    /human text -> [tts queue] -> TTS thread --\
+    /humanaudio PCM --------------------------> [AudioInbox] -> ASR thread
+        -> [AudioUnit queue] -> inference thread (progressive batches)
+        -> [(AudioUnit, FacePatch)] queue -> compositing thread
+        -> PlayoutBuffer -> session clock -> audio + video tracks (webrtc.py)
+
+Silence costs no model call: silent frames go straight to the compositor as
+idle frames (mouth closed).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from baseasr import AudioInbox, AudioSegment, AudioUnit, BaseASR, SpeechQueueFull, StageQueue
+from clock import SAMPLE_RATE, SessionClock
+from metrics import SessionMetrics
+from playout import MediaUnit, PlayoutBuffer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LipSyncModel", "SessionOptions", "BaseReal", "SpeechQueueFull", "TextQueueFull"]
+
+
+class TextQueueFull(RuntimeError):
+    """Raised when a session already has the maximum number of texts waiting for TTS."""
+
+
+class LipSyncModel(abc.ABC):
+    """What the session worker needs from a lip-sync model (see docs/contracts.md).
+
+    Attributes:
+        name: short model name for logs and status.
+        lookbehind_chunks: audio context before a frame (20 ms chunks).
+        lookahead_chunks: audio needed after a frame's end (20 ms chunks): the
+            model's algorithmic latency.
+    """
+
+    name: str = "model"
+    lookbehind_chunks: int = 0
+    lookahead_chunks: int = 0
+
+    @abc.abstractmethod
+    def features(self, window: np.ndarray) -> np.ndarray:
+        """Audio features of one frame from its float32 16 kHz context window."""
+
+    @abc.abstractmethod
+    def infer(self, features: np.ndarray, loop_indices: Sequence[int]) -> list[Any]:
+        """Render a batch of consecutive speech frames: one FacePatch (or None) each."""
+
+    def reset(self) -> None:
+        """Forget smoothing state (after silence and on interrupt)."""
+
+
+@dataclass
+class SessionOptions:
+    """Per-session pipeline settings (filled from the latency preset and CLI).
+
+    Attributes:
+        batch_size: largest inference batch (frames).
+        min_batch: frames gathered before the first model call of a stretch.
+        prebuffer: frames ready before a speech segment starts playing.
+        playout_capacity: composited frames buffered ahead of the clock.
+        drop_threshold_ms: a video frame later than this is skipped, not sent.
+        max_audio_seconds: pushed audio a session may have waiting.
+        max_texts: texts a session may have waiting for TTS.
+    """
+
+    batch_size: int = 4
+    min_batch: int = 1
+    prebuffer: int = 2
+    playout_capacity: int = 50
+    drop_threshold_ms: int = 40
+    max_audio_seconds: float = 120.0
+    max_texts: int = 32
+
+
+class BaseReal:
+    """One session's worker threads and state.
+
+    Args:
+        session_id: the session's id (for logs and metrics).
+        model: the session's :class:`LipSyncModel` instance.
+        avatar: the prepared avatar (``avatar.Avatar``): frame loop + compositing.
+        options: pipeline settings.
+        metrics: the session's metric children.
+        tts: a ``tts.TTS`` for ``say`` (None: text input unsupported).
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        model: LipSyncModel,
+        avatar: Any,
+        options: SessionOptions,
+        metrics: SessionMetrics,
+        tts: Any = None,
+    ) -> None:
+        self.session_id = session_id
+        self.model = model
+        self.avatar = avatar
+        self.options = options
+        self.metrics = metrics
+        self.tts = tts
+        self.clock = SessionClock()
+        self.epoch = 0
+        self._epoch_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.playout = PlayoutBuffer(
+            idle_frame=avatar.frame,
+            loop_length=len(avatar),
+            capacity=options.playout_capacity,
+            prebuffer=options.prebuffer,
+            on_underrun=metrics.underrun,
+        )
+        self.inbox = AudioInbox(options.max_audio_seconds)
+        self.text_queue: StageQueue[tuple[int, str]] = StageQueue(options.max_texts)
+        self.unit_queue: StageQueue[AudioUnit] = StageQueue(max(2 * options.batch_size, 4))
+        self.composite_queue: StageQueue[tuple[AudioUnit, Any]] = StageQueue(max(2 * options.batch_size, 4))
+        self.asr = BaseASR(
+            features=model.features,
+            lookbehind_chunks=model.lookbehind_chunks,
+            lookahead_chunks=model.lookahead_chunks,
+            out_queue=self.unit_queue,
+            inbox=self.inbox,
+            epoch=lambda: self.epoch,
+            loop_hint=self._loop_hint,
+            stop_event=self._stop,
+            name=f"asr-{session_id[:8]}",
+        )
+        self._tts_busy = False
+        self._infer_busy = False
+        self._threads = [
+            self.asr,
+            threading.Thread(target=self._inference_loop, name=f"infer-{session_id[:8]}", daemon=True),
+            threading.Thread(target=self._composite_loop, name=f"composite-{session_id[:8]}", daemon=True),
+            threading.Thread(target=self._tts_loop, name=f"tts-{session_id[:8]}", daemon=True),
+        ]
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every thread and wait for them (blocking: call off the event loop)."""
+        self._stop.set()
+        for q in (self.text_queue, self.unit_queue, self.composite_queue):
+            q.close()
+        self.inbox.close()
+        self.playout.close()
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # -- input --------------------------------------------------------------------
+    def put_audio(self, pcm: np.ndarray, end_of_utterance: bool = True, block: bool = False) -> None:
+        """Queue float32 16 kHz mono PCM to be spoken.
+
+        Raises:
+            SpeechQueueFull: the session's audio budget is exhausted (non-blocking).
+            ValueError: empty audio, or longer than the whole budget.
+        """
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.size == 0:
+            raise ValueError("audio is empty")
+        epoch = self.epoch
+        self.inbox.put(
+            AudioSegment(pcm=pcm, epoch=epoch, end_of_utterance=end_of_utterance),
+            block=block,
+            is_stale=lambda: self.epoch != epoch or self._stop.is_set(),
+        )
+
+    def say(self, text: str) -> None:
+        """Queue ``text`` for TTS. Raises TextQueueFull, or RuntimeError without TTS."""
+        if self.tts is None:
+            raise RuntimeError("no TTS engine is configured for this server")
+        if len(self.text_queue) >= self.text_queue.maxsize:
+            raise TextQueueFull(f"too many texts waiting ({self.text_queue.maxsize}); interrupt or retry later")
+        self.text_queue.put((self.epoch, text))
+
+    def interrupt(self) -> None:
+        """Stop speaking now: flush every stage; the next slot plays idle."""
+        with self._epoch_lock:
+            self.epoch += 1
+            epoch = self.epoch
+        self.text_queue.clear()
+        self.inbox.clear()
+        self.unit_queue.clear()
+        self.composite_queue.clear()
+        self.playout.flush(epoch)
+        self.metrics.interrupted()
+
+    def is_speaking(self) -> bool:
+        """True while any stage holds user speech or it is playing."""
+        return bool(
+            self._tts_busy
+            or len(self.text_queue)
+            or self.inbox.pending_samples
+            or self.asr.busy
+            or len(self.unit_queue)
+            or self._infer_busy
+            or len(self.composite_queue)
+            or self.playout.speaking
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name,
+            "speaking": self.is_speaking(),
+            "queued_audio_s": self.inbox.pending_samples / SAMPLE_RATE,
+            "playout_queued": self.playout.queued,
+            "underruns": self.playout.underruns,
+            **self.metrics.summary(),
+        }
+
+    # -- threads ------------------------------------------------------------------
+    def _loop_hint(self) -> int:
+        """Loop index a new utterance should start on: where playout will be by then."""
+        in_flight = len(self.unit_queue) + len(self.composite_queue) + self.playout.queued
+        return self.playout.loop_pos + in_flight + self.options.prebuffer
+
+    def _tts_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self.text_queue.get(timeout=0.1)
+            if item is None:
+                continue
+            epoch, text = item
+            if epoch != self.epoch:
+                continue
+            self._tts_busy = True
+            try:
+                pending = None
+                for pcm in self.tts.stream(text):  # sentence by sentence
+                    if epoch != self.epoch or self._stop.is_set():
+                        break
+                    if pending is not None:
+                        self._put_tts(pending, epoch, end=False)
+                    pending = pcm
+                if pending is not None and epoch == self.epoch:
+                    self._put_tts(pending, epoch, end=True)
+            except Exception:  # a TTS failure must not kill the session
+                log.exception("session %s: TTS failed for %r", self.session_id[:8], text[:60])
+            finally:
+                self._tts_busy = False
+
+    def _put_tts(self, pcm: np.ndarray, epoch: int, end: bool) -> None:
+        if pcm.size:
+            self.inbox.put(
+                AudioSegment(pcm=pcm, epoch=epoch, end_of_utterance=end),
+                block=True,
+                is_stale=lambda: self.epoch != epoch or self._stop.is_set(),
+            )
+
+    def _inference_loop(self) -> None:
+        carry: AudioUnit | None = None
+        silent = True
+        while not self._stop.is_set():
+            unit = carry or self.unit_queue.get(timeout=0.1)
+            carry = None
+            if unit is None:
+                continue
+            if unit.epoch != self.epoch:
+                silent = True
+                self.model.reset()
+                continue
+            if not unit.speech:
+                if not silent:
+                    self.model.reset()
+                    silent = True
+                self._to_compositor(unit, None)
+                continue
+            silent = False
+            batch, carry = self._gather(unit)
+            self._infer_busy = True
+            try:
+                patches = self.model.infer(
+                    np.stack([u.features for u in batch]), [u.loop_index for u in batch]
+                )
+            except Exception:  # keep the audio: fall back to idle frames
+                log.exception("session %s: model failed on a batch of %d", self.session_id[:8], len(batch))
+                patches = [None] * len(batch)
+            finally:
+                self._infer_busy = False
+            now = time.monotonic()
+            for u, patch in zip(batch, patches):
+                u.stamps["model"] = now
+                self._to_compositor(u, patch)
+
+    def _gather(self, first: AudioUnit) -> tuple[list[AudioUnit], AudioUnit | None]:
+        """Progressive batch: wait for ``min_batch`` speech frames, then take what is
+        already queued up to ``batch_size`` (the batch grows when inference is behind).
+        Returns the batch and a non-speech unit that ended it, if any."""
+        batch = [first]
+        while len(batch) < self.options.batch_size and not batch[-1].final:
+            if len(batch) < self.options.min_batch:
+                nxt = self.unit_queue.get(timeout=0.2)
+            else:
+                nxt = self.unit_queue.get_nowait()
+            if nxt is None or nxt.epoch != first.epoch:
+                break
+            if not nxt.speech:
+                return batch, nxt
+            batch.append(nxt)
+        return batch, None
+
+    def _to_compositor(self, unit: AudioUnit, patch: Any) -> None:
+        self.composite_queue.put((unit, patch), is_stale=lambda: unit.epoch != self.epoch or self._stop.is_set())
+
+    def _composite_loop(self) -> None:
+        while not self._stop.is_set():
+            item = self.composite_queue.get(timeout=0.1)
+            if item is None:
+                continue
+            unit, patch = item
+            if unit.epoch != self.epoch:
+                continue
+            try:
+                frame = self.avatar.composite(unit.loop_index, patch)
+            except Exception:  # never lose the audio for a failed paste-back
+                log.exception("session %s: compositing failed", self.session_id[:8])
+                frame = self.avatar.frame(unit.loop_index)
+            unit.stamps["composite"] = time.monotonic()
+            media = MediaUnit(
+                video=frame,
+                audio=np.clip(unit.pcm * 32767.0, -32768, 32767).astype(np.int16),
+                loop_index=unit.loop_index % len(self.avatar),
+                speech=unit.speech,
+                epoch=unit.epoch,
+                final=unit.final,
+                t_in=unit.t_in,
+                stamps=unit.stamps,
+            )
+            while not self._stop.is_set() and media.epoch == self.epoch:
+                if self.playout.put(media, timeout=0.1):
+                    break

@@ -1,0 +1,103 @@
+"""Command line, YAML config files and latency presets.
+
+Precedence: command line > ``--config`` YAML file > latency preset > built-in
+defaults. YAML keys are the option names as on the command line without dashes
+(``batch_size: 8``, ``latency_mode: low``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from basereal import SessionOptions
+
+# Latency presets. Expected latency is "pushed audio -> first speech frame sent"
+# on the embedded default model (measure with bench/latency.py; see docs/benchmarks.md):
+# roughly model lookahead + min_batch inference + prebuffer frames + up to one slot.
+LATENCY_PRESETS: dict[str, dict[str, Any]] = {
+    # ~40-80 ms: smallest batches, no jitter buffer; the first CPU hiccup shows as a gap.
+    "ultra_low": dict(batch_size=2, min_batch=1, prebuffer=1, drop_threshold_ms=40, l=2, r=1),
+    # ~60-120 ms: the default; one frame of jitter buffer.
+    "low": dict(batch_size=4, min_batch=1, prebuffer=2, drop_threshold_ms=40, l=2, r=1),
+    # ~120-200 ms: bigger batches (GPU models), 3 frames of jitter buffer.
+    "balanced": dict(batch_size=8, min_batch=2, prebuffer=3, drop_threshold_ms=40, l=2, r=2),
+    # ~250-400 ms: throughput first (several sessions per GPU), deep jitter buffer.
+    "high_quality": dict(batch_size=16, min_batch=4, prebuffer=6, drop_threshold_ms=80, l=4, r=2),
+}
+PRESET_KEYS = ("batch_size", "min_batch", "prebuffer", "drop_threshold_ms", "l", "r")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Real-time talking-avatar WebRTC server")
+    p.add_argument("--config", type=Path, help="YAML file with option values (command line wins)")
+    p.add_argument("--listen", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", "--listenport", dest="port", type=int, default=8010, help="HTTP port")
+    p.add_argument(
+        "--model",
+        default="auto",
+        choices=["auto", "default", "musetalk"],
+        help="auto: MuseTalk when its weights and a CUDA device are present, else the embedded default",
+    )
+    p.add_argument("--models_dir", type=Path, default=Path("models"), help="MuseTalk weights folder")
+    p.add_argument("--avatar_id", default="default", help="prepared avatar under --avatars_dir")
+    p.add_argument("--avatars_dir", type=Path, default=Path("data/avatars"))
+    p.add_argument("--latency_mode", default="low", choices=sorted(LATENCY_PRESETS))
+    p.add_argument("--batch_size", type=int, help="largest inference batch (frames)")
+    p.add_argument("--min_batch", type=int, help="frames gathered before a model call")
+    p.add_argument("--prebuffer", type=int, help="frames ready before speech starts playing")
+    p.add_argument("--drop_threshold_ms", type=int, help="skip video frames later than this")
+    p.add_argument("-l", type=int, help="audio context before a frame, in 20 ms chunks")
+    p.add_argument("-r", type=int, help="audio context after a frame (lookahead), in 20 ms chunks")
+    p.add_argument("--max_session", type=int, default=8, help="concurrent sessions allowed")
+    p.add_argument("--tts", default="auto", choices=["auto", "piper", "espeak", "none"])
+    p.add_argument("--max_audio_seconds", type=float, default=120.0, help="pushed audio a session may queue")
+    p.add_argument("--max_upload_mb", type=float, default=32.0, help="largest /humanaudio upload")
+    p.add_argument("--max_text_chars", type=int, default=2000, help="longest /human text")
+    p.add_argument("--connect_timeout", type=float, default=30.0, help="close sessions not connected by then (s)")
+    p.add_argument("--log_level", default="INFO")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse options, apply the YAML file and the latency preset.
+
+    Raises:
+        SystemExit: bad options, an unreadable config file or unknown YAML keys.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        try:
+            values = yaml.safe_load(args.config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            parser.error(f"cannot read config {args.config}: {e}")
+        if not isinstance(values, dict):
+            parser.error(f"config {args.config} must be a mapping of option names to values")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"unknown keys in {args.config}: {', '.join(unknown)}")
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    preset = LATENCY_PRESETS[args.latency_mode]
+    for key in PRESET_KEYS:
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.batch_size < 1 or args.min_batch < 1 or args.prebuffer < 1:
+        parser.error("--batch_size, --min_batch and --prebuffer must be >= 1")
+    args.min_batch = min(args.min_batch, args.batch_size)
+    return args
+
+
+def session_options(args: argparse.Namespace) -> SessionOptions:
+    return SessionOptions(
+        batch_size=args.batch_size,
+        min_batch=args.min_batch,
+        prebuffer=args.prebuffer,
+        drop_threshold_ms=args.drop_threshold_ms,
+        max_audio_seconds=args.max_audio_seconds,
+    )

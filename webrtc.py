@@ -1,0 +1,125 @@
+"""aiortc media tracks driven by one shared session clock.
+
+Both tracks of a session read the same :class:`playout.PlayoutBuffer` on the same
+:class:`clock.SessionClock`: video frame ``s`` and audio chunks ``2s``, ``2s+1``
+come from one :class:`playout.MediaUnit`, and their pts are derived from the slot
+and chunk counts, so audio and video cannot drift apart.
+
+Pacing: a track whose next frame is early waits for its due time (the video
+waits); a video track that is later than ``drop_threshold`` skips the stale
+frames (counted as dropped) instead of sending a burst, so the pair stays within
+one frame. Audio is never skipped: a late audio chunk goes out at once.
+Each track's first frame is slot/chunk 0, so a receiver can align the two
+streams by their first pts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import aioice.ice
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+from av import AudioFrame, VideoFrame
+
+from clock import (
+    AUDIO_CHUNKS_PER_FRAME,
+    AUDIO_TIME_BASE,
+    CHUNK_SAMPLES,
+    FRAME_MS,
+    SAMPLE_RATE,
+    VIDEO_TIME_BASE,
+    audio_pts,
+    chunk_slot,
+    video_pts,
+)
+
+if TYPE_CHECKING:
+    from basereal import BaseReal
+
+log = logging.getLogger(__name__)
+
+LATE_MS = FRAME_MS // 2  # a frame sent more than half a frame after due counts as late
+
+
+class _SessionTrack(MediaStreamTrack):
+    def __init__(self, worker: "BaseReal") -> None:
+        super().__init__()
+        self.worker = worker
+        self.clock = worker.clock
+        self.playout = worker.playout
+        self.metrics = worker.metrics
+        self._next = 0
+
+    async def _wait_until(self, due: float) -> float:
+        now = self.clock.now()
+        if now < due:
+            await asyncio.sleep(due - now)
+            now = self.clock.now()
+        return now
+
+    def _check_live(self) -> None:
+        if self.readyState != "live" or self.worker.stopped:
+            raise MediaStreamError
+
+
+class AvatarVideoTrack(_SessionTrack):
+    """25 fps video track; frame ``s`` has pts ``s * 3600`` in 1/90000 s."""
+
+    kind = "video"
+
+    async def recv(self) -> VideoFrame:
+        self._check_live()
+        self.clock.start()
+        slot = self._next
+        now = await self._wait_until(self.clock.slot_due(slot))
+        if slot > 0 and now - self.clock.slot_due(slot) > self.worker.options.drop_threshold_ms / 1000:
+            current = self.clock.current_slot(now)
+            if current > slot:
+                self.metrics.video_dropped(current - slot)
+                slot = current
+        late = slot > 0 and now - self.clock.slot_due(slot) > LATE_MS / 1000
+        unit = self.playout.unit_for_slot(slot)
+        frame = VideoFrame.from_ndarray(unit.video, format="bgr24")
+        frame.pts = video_pts(slot)
+        frame.time_base = VIDEO_TIME_BASE
+        self._next = slot + 1
+        self.metrics.video_sent(speech=not unit.idle, late=late)
+        if not unit.idle:
+            unit.stamps["sent"] = now
+            self.metrics.observe_stages(unit.t_in, unit.stamps)
+        return frame
+
+
+class AvatarAudioTrack(_SessionTrack):
+    """16 kHz mono s16 audio track in 20 ms chunks; chunk ``k`` has pts ``k * 320``."""
+
+    kind = "audio"
+
+    async def recv(self) -> AudioFrame:
+        self._check_live()
+        self.clock.start()
+        chunk = self._next
+        await self._wait_until(self.clock.chunk_due(chunk))
+        unit = self.playout.unit_for_slot(chunk_slot(chunk))
+        part = chunk % AUDIO_CHUNKS_PER_FRAME
+        samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
+        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        frame.pts = audio_pts(chunk)
+        frame.time_base = AUDIO_TIME_BASE
+        self._next = chunk + 1
+        self.metrics.audio_sent()
+        return frame
+
+
+def use_loopback_ice() -> None:
+    """Make aiortc offer 127.0.0.1 as its host candidate.
+
+    aioice leaves loopback out of its host candidates, so a server and a client on
+    one machine (tests, local demos) find no common candidate. Only used when the
+    server listens on a loopback address.
+    """
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
