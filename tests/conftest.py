@@ -82,53 +82,7 @@ def tone(seconds: float, freq: float = 220.0, level: float = 0.3, sr: int = 1600
 
 
 # -- a real server in a subprocess ------------------------------------------------------
-import os
-import socket
-import subprocess
-import time
-import urllib.request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python app.py`` on a free loopback port; stopped on exit."""
-
-    def __init__(self, tmp: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"server-{self.port}.log"
-        cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
-               "--avatars_dir", str(tmp / "avatars"), "--tts", "espeak", *args]
-        self._logf = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + "/status", timeout=1).read()
-                return
-            except OSError:
-                time.sleep(0.2)  # waiting for the subprocess to listen
-        raise RuntimeError("server did not start")
-
-    def status(self) -> dict:
-        import json
-
-        return json.loads(urllib.request.urlopen(self.url + "/status", timeout=5).read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._logf.close()
+from client import ServerProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,260 @@
+"""Streaming benchmark at an aiortc client on loopback (default model, this machine).
+
+Measures, against the targets of issue #2:
+
+- ``first_audio``: pushed audio -> first speech audio frame received (p50/p95), and
+  -> first mouth movement received;
+- ``sync``: A/V offset by cross-correlating mouth motion with the received audio
+  envelope over ~60 s of speech, per 10 s window (drift = slope of the offsets);
+- ``interrupt``: ``/interrupt_talk`` sent -> last speech audio received;
+- ``sessions``: how many concurrent sessions hold 25 fps with < 1 % late frames.
+
+Usage::
+
+    .venv/bin/python bench/latency.py [--only first_audio,sync,interrupt,sessions] [--out results.json]
+
+Prints one JSON object (also written to ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from audio import decode_audio  # noqa: E402
+from client import AvatarClient, ServerProcess, av_offset, mouth_box, mouth_motion  # noqa: E402
+
+MEDIA = ROOT.parent / "shared" / "media"
+SPEECH_RMS = 0.01
+
+
+def speech_clip(seconds: float | None = None) -> np.ndarray:
+    """Real speech at 16 kHz: ../shared/media when present, else espeak."""
+    parts = []
+    for name in ("yongen.wav", "sun.wav"):
+        if (MEDIA / name).exists():
+            parts.append(decode_audio((MEDIA / name).read_bytes(), max_seconds=600))
+    if not parts:
+        from tts import make_tts
+
+        t = make_tts("espeak")
+        parts = [t.synthesize("The quick brown fox jumps over the lazy dog. " * 4)]
+    pcm = np.concatenate(parts)
+    if seconds is not None:
+        reps = int(np.ceil(seconds * 16000 / len(pcm)))
+        pcm = np.tile(pcm, reps)[: int(seconds * 16000)]
+    return pcm
+
+
+def wav(pcm: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, pcm, 16000, format="WAV")
+    return buf.getvalue()
+
+
+def first_loud_onset(pcm: np.ndarray) -> float:
+    """Seconds into ``pcm`` of its first 20 ms chunk above SPEECH_RMS."""
+    chunks = pcm[: len(pcm) // 320 * 320].reshape(-1, 320)
+    loud = np.flatnonzero(np.sqrt((chunks**2).mean(axis=1)) > SPEECH_RMS)
+    return float(loud[0]) * 0.02 if len(loud) else 0.0
+
+
+def pct(values, q):
+    return round(float(np.percentile(values, q)) * 1000, 1)
+
+
+async def wait_quiet(c: AvatarClient, extra: float = 0.5) -> None:
+    while await c.is_speaking():
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(extra)
+
+
+async def bench_first_audio(url: str, trials: int) -> dict:
+    clip = speech_clip()[: 16000 * 2]
+    onset = first_loud_onset(clip)
+    data = wav(clip)
+    audio_lat, mouth_lat = [], []
+    async with AvatarClient(url) as c:
+        await asyncio.wait_for(c.first_video.wait(), 20)
+        await asyncio.sleep(1.0)
+        box = mouth_box(c.received.first_frame_bgr)
+        for _ in range(trials):
+            rec = c.received
+            na, nv = len(rec.audio), len(rec.video)
+            ref = rec.video[-1]
+            t0 = time.monotonic()
+            await c.push_audio(data)
+            while time.monotonic() - t0 < 5:
+                await asyncio.sleep(0.005)
+                loud = [i for i in range(na, len(rec.audio)) if np.sqrt(np.mean(rec.audio[i] ** 2)) > SPEECH_RMS]
+                if loud:
+                    audio_lat.append(rec.audio_arrival[loud[0]] - t0 - onset)
+                    break
+            x1, y1, x2, y2 = box
+            for i in range(nv, len(rec.video)):
+                if np.abs(rec.video[i][y1:y2, x1:x2].astype(np.float32) - ref[y1:y2, x1:x2]).mean() > 2.0:
+                    mouth_lat.append(rec.video_arrival[i] - t0 - onset)
+                    break
+            await wait_quiet(c)
+    return {
+        "trials": trials,
+        "clip_speech_onset_ms": round(onset * 1000, 1),
+        "first_audio_ms": {"p50": pct(audio_lat, 50), "p95": pct(audio_lat, 95), "max": pct(audio_lat, 100)},
+        "first_mouth_motion_ms": {"p50": pct(mouth_lat, 50), "p95": pct(mouth_lat, 95)} if mouth_lat else None,
+        "target_p95_ms": 150,
+    }
+
+
+async def bench_sync(url: str, seconds: float) -> dict:
+    clip = speech_clip(seconds)
+    async with AvatarClient(url) as c:
+        await asyncio.wait_for(c.first_video.wait(), 20)
+        await asyncio.sleep(1.0)
+        box = mouth_box(c.received.first_frame_bgr)
+        t_start = c.received.video_t[-1]
+        await c.push_audio(wav(clip))
+        await asyncio.sleep(0.5)
+        await wait_quiet(c, 1.0)
+        rec = c.received
+    t_end = rec.video_t[-1]
+    lag, r = av_offset(rec, box, t_range=(t_start, t_end))
+    windows = []
+    for w0 in np.arange(t_start, t_end - 10, 10.0):
+        wl, wr = av_offset(rec, box, t_range=(w0, w0 + 10))
+        windows.append({"t_s": round(float(w0 - t_start), 1), "offset_ms": round(wl * 1000, 1), "r": round(wr, 3)})
+    slope = float(np.polyfit([w["t_s"] for w in windows], [w["offset_ms"] for w in windows], 1)[0]) if len(windows) > 1 else 0.0
+    vt = np.asarray(rec.video_t)
+    return {
+        "speech_s": round(seconds, 1),
+        "offset_ms": round(lag * 1000, 1),
+        "correlation": round(r, 3),
+        "windows": windows,
+        "drift_ms_per_min": round(slope * 60, 2),
+        "video_fps_media": round((len(vt) - 1) / (vt[-1] - vt[0]), 3),
+        "target_abs_offset_ms": 20,
+        "mouth_motion_max": round(float(mouth_motion(rec, box).max()), 2),
+    }
+
+
+async def bench_interrupt(url: str, trials: int) -> dict:
+    data = wav(speech_clip(6.0))
+    tails = []
+    async with AvatarClient(url) as c:
+        await asyncio.wait_for(c.first_video.wait(), 20)
+        for _ in range(trials):
+            rec = c.received
+            await c.push_audio(data)
+            await asyncio.sleep(1.5)
+            t_int = time.monotonic()
+            await c.interrupt()
+            await asyncio.sleep(1.0)
+            arrival = np.asarray(rec.audio_arrival)
+            rms = np.array([np.sqrt(np.mean(a * a)) for a in rec.audio])
+            loud = arrival[(rms > SPEECH_RMS) & (arrival > t_int)]
+            tails.append(float(loud.max() - t_int) if len(loud) else 0.0)
+            await wait_quiet(c)
+    return {"trials": trials, "interrupt_to_silence_ms": {"p50": pct(tails, 50), "p95": pct(tails, 95), "max": pct(tails, 100)}, "target_ms": 100}
+
+
+async def _session_run(url: str, seconds: float, data: bytes) -> dict:
+    async with AvatarClient(url) as c:
+        await asyncio.wait_for(c.first_video.wait(), 30)
+        sid = c.sessionid
+        end = time.monotonic() + seconds
+        n0 = len(c.received.video)
+        t0 = time.monotonic()
+        while time.monotonic() < end:
+            if not await c.is_speaking():
+                await c.push_audio(data)
+            await asyncio.sleep(0.2)
+        fps = (len(c.received.video) - n0) / (time.monotonic() - t0)
+        return {"sid": sid, "fps": fps}
+
+
+async def bench_sessions(url: str, srv: ServerProcess, max_n: int, seconds: float) -> dict:
+    data = wav(speech_clip(4.0))
+    rows = []
+    best = 0
+    for n in range(1, max_n + 1):
+        import aiohttp
+
+        results = await asyncio.gather(*(_session_run(url, seconds, data) for _ in range(n)))
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "/metrics") as r:
+                text = await r.text()
+        sent = late = dropped = 0.0
+        for res in results:
+            sid = res["sid"]
+            for line in text.splitlines():
+                if f'session="{sid}"' not in line or line.startswith("#"):
+                    continue
+                if line.startswith("avatar_video_frames_sent_total"):
+                    sent = sent + float(line.split()[-1])
+                elif line.startswith("avatar_video_frames_late_total"):
+                    late = late + float(line.split()[-1])
+                elif line.startswith("avatar_video_frames_dropped_total"):
+                    dropped = dropped + float(line.split()[-1])
+        min_fps = min(r["fps"] for r in results)
+        late_pct = 100.0 * (late + dropped) / max(sent + dropped, 1)
+        ok = min_fps >= 24.5 and late_pct < 1.0
+        rows.append({"sessions": n, "min_fps": round(min_fps, 2), "late_or_dropped_pct": round(late_pct, 2), "ok": ok})
+        if ok:
+            best = n
+        else:
+            break
+        await asyncio.sleep(2.0)
+    return {"per_n": rows, "max_sessions_25fps": best, "target": 4, "seconds_each": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="first_audio,sync,interrupt,sessions")
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--sync_seconds", type=float, default=60.0)
+    ap.add_argument("--max_sessions", type=int, default=8)
+    ap.add_argument("--session_seconds", type=float, default=20.0)
+    ap.add_argument("--latency_mode", default="low")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    out: dict = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "latency_mode": args.latency_mode,
+        "model": "default",
+        "media": "shared/media speech" if MEDIA.exists() else "espeak speech",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ServerProcess(Path(tmp), "--model", "default", "--latency_mode", args.latency_mode,
+                            "--max_session", str(max(args.max_sessions, 2)), "--log_level", "WARNING")
+        try:
+            if "first_audio" in only:
+                out["first_audio"] = asyncio.run(bench_first_audio(srv.url, args.trials))
+            if "sync" in only:
+                out["sync"] = asyncio.run(bench_sync(srv.url, args.sync_seconds))
+            if "interrupt" in only:
+                out["interrupt"] = asyncio.run(bench_interrupt(srv.url, max(5, args.trials // 2)))
+            if "sessions" in only:
+                out["sessions"] = asyncio.run(bench_sessions(srv.url, srv, args.max_sessions, args.session_seconds))
+        finally:
+            srv.stop()
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

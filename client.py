@@ -1,0 +1,289 @@
+"""A headless aiortc client for the avatar server, and A/V measurements on what it receives.
+
+Used by the end-to-end tests and the benchmarks, and handy for recording a
+session without a browser::
+
+    async with AvatarClient("http://127.0.0.1:8010") as c:
+        await c.push_audio_file("speech.wav")
+        await asyncio.sleep(5)
+
+Received media is kept on each track's own media timeline (seconds from that
+track's first pts; the server starts both tracks at slot/chunk 0, so the two
+timelines share an origin), plus the local arrival time of every frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import cv2
+import numpy as np
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+VIDEO_SCALE = 0.5  # received frames are kept as grayscale at this scale
+
+
+@dataclass
+class Received:
+    """What a client has received so far.
+
+    Attributes:
+        video_t: media time (s) of each video frame.
+        video_arrival: monotonic arrival time (s) of each video frame.
+        video: grayscale uint8 frames at VIDEO_SCALE.
+        first_frame_bgr: the first frame in full resolution (BGR uint8).
+        audio_t: media time (s) of each audio frame's first sample.
+        audio_arrival: monotonic arrival time (s) of each audio frame.
+        audio: mono float32 sample blocks at ``audio_rate``.
+    """
+
+    video_t: list[float] = field(default_factory=list)
+    video_arrival: list[float] = field(default_factory=list)
+    video: list[np.ndarray] = field(default_factory=list)
+    first_frame_bgr: np.ndarray | None = None
+    audio_t: list[float] = field(default_factory=list)
+    audio_arrival: list[float] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+    audio_rate: int = 48000
+
+    def audio_signal(self) -> np.ndarray:
+        """All received audio, concatenated (float32, ``audio_rate``)."""
+        return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+
+
+class AvatarClient:
+    """Connects to a server, receives both tracks and drives the HTTP API."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.pc = RTCPeerConnection()
+        self.http: aiohttp.ClientSession | None = None
+        self.sessionid: str | None = None
+        self.received = Received()
+        self._tasks: list[asyncio.Task] = []
+        self._v0: int | None = None
+        self._a0: int | None = None
+        self.first_video = asyncio.Event()
+
+    async def __aenter__(self) -> "AvatarClient":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def connect(self) -> str:
+        """Negotiate a session (non-trickle ICE, like the reference page). Returns its id."""
+        self.http = aiohttp.ClientSession()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            consume = self._consume_video if track.kind == "video" else self._consume_audio
+            self._tasks.append(asyncio.ensure_future(consume(track)))
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        answer = await self.post("/offer", {"sdp": self.pc.localDescription.sdp, "type": "offer"})
+        if answer.get("code", 0) != 0:
+            raise RuntimeError(f"offer refused: {answer.get('msg')}")
+        self.sessionid = answer["sessionid"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        return self.sessionid
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await self.pc.close()
+        if self.http is not None:
+            await self.http.close()
+
+    async def post(self, path: str, body: dict) -> dict:
+        assert self.http is not None
+        async with self.http.post(self.base_url + path, json=body) as r:
+            return await r.json()
+
+    async def say(self, text: str, interrupt: bool = False) -> dict:
+        return await self.post("/human", {"sessionid": self.sessionid, "text": text, "type": "echo", "interrupt": interrupt})
+
+    async def interrupt(self) -> dict:
+        return await self.post("/interrupt_talk", {"sessionid": self.sessionid})
+
+    async def is_speaking(self) -> bool:
+        return bool((await self.post("/is_speaking", {"sessionid": self.sessionid}))["data"])
+
+    async def push_audio(self, data: bytes, filename: str = "speech.wav") -> dict:
+        assert self.http is not None
+        form = aiohttp.FormData()
+        form.add_field("sessionid", self.sessionid)
+        form.add_field("file", data, filename=filename)
+        async with self.http.post(self.base_url + "/humanaudio", data=form) as r:
+            return await r.json()
+
+    async def push_audio_file(self, path: str | Path) -> dict:
+        path = Path(path)
+        return await self.push_audio(path.read_bytes(), path.name)
+
+    async def _consume_video(self, track) -> None:
+        rec = self.received
+        try:
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                if self._v0 is None:
+                    self._v0 = frame.pts
+                    rec.first_frame_bgr = frame.to_ndarray(format="bgr24")
+                gray = frame.to_ndarray(format="gray")
+                rec.video.append(cv2.resize(gray, None, fx=VIDEO_SCALE, fy=VIDEO_SCALE, interpolation=cv2.INTER_AREA))
+                rec.video_t.append(float((frame.pts - self._v0) * frame.time_base))
+                rec.video_arrival.append(now)
+                self.first_video.set()
+        except MediaStreamError:
+            pass
+
+    async def _consume_audio(self, track) -> None:
+        rec = self.received
+        try:
+            while True:
+                frame = await track.recv()
+                now = time.monotonic()
+                if self._a0 is None:
+                    self._a0 = frame.pts
+                samples = frame.to_ndarray().astype(np.float32) / 32768.0
+                channels = len(frame.layout.channels)
+                mono = samples.reshape(-1, channels).mean(axis=1) if frame.format.is_packed else samples.mean(axis=0)
+                rec.audio_rate = frame.sample_rate
+                rec.audio.append(mono)
+                rec.audio_t.append(float((frame.pts - self._a0) * frame.time_base))
+                rec.audio_arrival.append(now)
+        except MediaStreamError:
+            pass
+
+
+# -- measurements -----------------------------------------------------------------
+def mouth_box(frame_bgr: np.ndarray, scale: float = VIDEO_SCALE, margin: float = 0.35) -> tuple[int, int, int, int]:
+    """Box (x1, y1, x2, y2) around the lips (iBUG points 48-67) at ``scale``.
+
+    Raises:
+        ValueError: no face found in the frame.
+    """
+    from avatar import detect_landmarks
+
+    lm = detect_landmarks(frame_bgr)
+    if lm is None:
+        raise ValueError("no face in the received frame")
+    lips = lm[48:68]
+    (x1, y1), (x2, y2) = lips.min(axis=0), lips.max(axis=0)
+    w, h = x2 - x1, y2 - y1
+    x1, x2 = x1 - margin * w, x2 + margin * w
+    y1, y2 = y1 - margin * h, y2 + 1.2 * h  # the jaw drops below the lips
+    return tuple(int(round(v * scale)) for v in (x1, y1, x2, y2))  # type: ignore[return-value]
+
+
+def mouth_motion(rec: Received, box: tuple[int, int, int, int], reference: np.ndarray | None = None) -> np.ndarray:
+    """Mean absolute difference (grey levels) of the mouth box from the idle frame, per video frame."""
+    x1, y1, x2, y2 = box
+    ref = (rec.video[0] if reference is None else reference)[y1:y2, x1:x2].astype(np.float32)
+    return np.array([np.abs(f[y1:y2, x1:x2].astype(np.float32) - ref).mean() for f in rec.video], np.float32)
+
+
+def audio_envelope(rec: Received, times: np.ndarray, window: float = 0.04) -> np.ndarray:
+    """RMS of the received audio in a ``window`` (s) centred on each of ``times`` (media s)."""
+    signal = rec.audio_signal()
+    if not rec.audio_t:
+        return np.zeros(len(times), np.float32)
+    rate = rec.audio_rate
+    start = rec.audio_t[0]
+    half = int(window * rate / 2)
+    out = np.zeros(len(times), np.float32)
+    for i, t in enumerate(times):
+        c = int(round((t - start) * rate))
+        seg = signal[max(0, c - half) : max(0, c + half)]
+        out[i] = float(np.sqrt(np.mean(seg * seg))) if len(seg) else 0.0
+    return out
+
+
+def av_offset(rec: Received, box: tuple[int, int, int, int], max_lag: float = 0.2, step: float = 0.005,
+              t_range: tuple[float, float] | None = None, reference: np.ndarray | None = None) -> tuple[float, float]:
+    """Lag (s) that best aligns mouth motion with the audio envelope, and the peak correlation.
+
+    Both series are put on a ``step`` grid of media time and cross-correlated
+    (Pearson) for lags in ``[-max_lag, max_lag]``. A positive lag means the mouth
+    moves *after* the sound (video late).
+    """
+    vt = np.asarray(rec.video_t)
+    motion = mouth_motion(rec, box, reference)
+    lo, hi = (vt[0], vt[-1]) if t_range is None else t_range
+    grid = np.arange(lo + max_lag, hi - max_lag, step)
+    env = audio_envelope(rec, grid)
+    best = (0.0, -1.0)
+    for lag in np.arange(-max_lag, max_lag + step / 2, step):
+        m = np.interp(grid + lag, vt, motion)
+        if m.std() == 0 or env.std() == 0:
+            continue
+        r = float(np.corrcoef(m, env)[0, 1])
+        if r > best[1]:
+            best = (float(lag), r)
+    return best
+
+
+# -- a server in a subprocess ------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``python app.py`` on a free loopback port (tests and benchmarks).
+
+    Args:
+        workdir: folder for the server log and its avatar cache.
+        *args: extra ``app.py`` options.
+    Raises:
+        RuntimeError: the server exited or did not answer within ``timeout`` s.
+    """
+
+    def __init__(self, workdir: Path, *args: str, timeout: float = 120.0) -> None:
+        root = Path(__file__).resolve().parent
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(workdir) / f"server-{self.port}.log"
+        cmd = [sys.executable, str(root / "app.py"), "--port", str(self.port),
+               "--avatars_dir", str(Path(workdir) / "avatars"), "--tts", "espeak", *args]
+        self._logf = open(self.log, "w")
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log.read_text()[-3000:]}")
+            try:
+                self.status()
+                return
+            except OSError:
+                time.sleep(0.2)  # polling a subprocess until it listens
+        self.stop()
+        raise RuntimeError("server did not start")
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._logf.close()

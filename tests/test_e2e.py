@@ -1,0 +1,116 @@
+"""End to end: app.py in a subprocess, a real aiortc client, real speech.
+
+Loose sanity bounds only; the speed targets live in bench/.
+"""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from client import AvatarClient, av_offset, mouth_box, mouth_motion
+from conftest import SHARED_MEDIA, server  # noqa: F401  (fixture)
+
+SPEECH_RMS = 0.01  # received audio louder than this (-40 dBFS) is speech
+
+
+def speech_input():
+    """(kind, payload): yongen.wav when ../shared is there, else text for the offline TTS."""
+    wav = SHARED_MEDIA / "yongen.wav"
+    if wav.exists():
+        return "file", wav
+    return "text", "Hello there. I am the default avatar, and my lips move when I speak. This is a test of the streaming server."
+
+
+async def wait_until(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if await pred():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def frame_rms(rec):
+    return np.array([float(np.sqrt(np.mean(a * a))) for a in rec.audio])
+
+
+def test_speech_streams_with_moving_mouth_in_sync(server):
+    async def run():
+        async with AvatarClient(server.url) as c:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            await asyncio.sleep(1.5)  # idle: mouth must stay still
+            kind, payload = speech_input()
+            t_push = time.monotonic()
+            r = await (c.push_audio_file(payload) if kind == "file" else c.say(payload))
+            assert r["code"] == 0, r
+            assert await wait_until(c.is_speaking, 5)
+            assert await wait_until(lambda: _not(c.is_speaking), 40)
+            await asyncio.sleep(1.0)
+            return c.received, t_push
+
+    rec, t_push = asyncio.run(run())
+    vt, at = np.array(rec.video_t), np.array(rec.audio_t)
+    # Video at >= 24 fps on the media clock and on arrival; audio continuous.
+    duration = rec.video_arrival[-1] - rec.video_arrival[0]
+    assert len(rec.video) / duration >= 24.0, f"{len(rec.video)} frames in {duration:.2f} s"
+    assert np.all(np.diff(vt) > 0) and np.median(np.diff(vt)) == pytest.approx(0.04, abs=1e-6)
+    assert np.allclose(np.diff(at), 0.02, atol=1e-6), "audio timeline has gaps"
+    assert at[-1] == pytest.approx(vt[-1], abs=0.5)
+    # Speech arrived.
+    rms = frame_rms(rec)
+    speech_s = float((rms > SPEECH_RMS).sum()) * 0.02
+    assert speech_s > 2.0, f"only {speech_s:.2f} s of speech received"
+    # Mouth still in silence, moving during speech.
+    # (the encoder's quality settles during the first second: compare with the
+    # last idle frame before the push, not the first frame)
+    box = mouth_box(rec.first_frame_bgr)
+    before = np.flatnonzero(np.array(rec.video_arrival) < t_push)
+    motion = mouth_motion(rec, box, reference=rec.video[before[-1]])
+    env_v = np.interp(vt, at, np.convolve(rms, np.ones(2) / 2, "same"))
+    idle = motion[before[-10:]]
+    talking = motion[env_v > 3 * SPEECH_RMS]
+    assert idle.max() < 1.5, f"mouth moves in silence: {idle.max():.2f}"
+    assert talking.mean() > 4 * max(idle.mean(), 0.5), (talking.mean(), idle.mean())
+    # Mouth motion follows the audio envelope, peak within +-40 ms.
+    lag, r = av_offset(rec, box, reference=rec.video[before[-1]])
+    print(f"A/V offset {lag * 1000:.0f} ms, r={r:.2f}, idle max {idle.max():.2f}, talking mean {talking.mean():.2f}, speech {speech_s:.1f} s")
+    assert r > 0.4, f"mouth motion barely correlates with audio (r={r:.2f})"
+    assert abs(lag) <= 0.040, f"A/V offset {lag * 1000:.0f} ms"
+
+
+async def _not(coro_fn):
+    return not await coro_fn()
+
+
+def test_interrupt_silences_within_200ms(server):
+    async def run():
+        async with AvatarClient(server.url) as c:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            kind, payload = speech_input()
+            if kind == "file":
+                await c.push_audio_file(payload)
+            else:
+                await c.say(payload)
+            rec = c.received
+            n0 = len(rec.audio)
+            assert await wait_until(lambda: _loud_since(rec, n0), 10), "no speech arrived"
+            await asyncio.sleep(0.5)
+            t_int = time.monotonic()
+            assert (await c.interrupt())["code"] == 0
+            await asyncio.sleep(1.5)
+            speaking = await c.is_speaking()
+            return rec, t_int, speaking
+
+    rec, t_int, speaking = asyncio.run(run())
+    rms = frame_rms(rec)
+    arrival = np.array(rec.audio_arrival)
+    loud_after = arrival[(rms > SPEECH_RMS) & (arrival > t_int)]
+    tail = (loud_after.max() - t_int) if len(loud_after) else 0.0
+    assert tail <= 0.2, f"speech still arriving {tail * 1000:.0f} ms after interrupt"
+    assert not speaking
+
+
+async def _loud_since(rec, n0):
+    return any(float(np.sqrt(np.mean(a * a))) > SPEECH_RMS for a in rec.audio[n0:])

@@ -1,0 +1,216 @@
+"""Tests for visememodel.py: the embedded default lip-sync model (features, mouth
+shape, smoothing, the landmark-driven mouth warp) on the built-in avatar."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from math import gcd
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import avatar as avatar_mod  # noqa: E402
+import visememodel as vm  # noqa: E402
+from visememodel import FRAME_SAMPLES, SAMPLE_RATE, VisemeWarpModel, audio_features, mouth_shape  # noqa: E402
+
+MEDIA = Path(__file__).resolve().parents[1].parent / "shared" / "media"
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory):
+    return avatar_mod.ensure_default_avatar(tmp_path_factory.mktemp("avatars"))
+
+
+def tone(freqs, dbfs: float, seconds: float) -> np.ndarray:
+    """Equal-amplitude sines at ``freqs`` Hz, scaled to an RMS of ``dbfs`` dB re full scale."""
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    x = sum(np.sin(2 * np.pi * f * t + k) for k, f in enumerate(freqs))
+    return (x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)).astype(np.float32)
+
+
+def frame_windows(model: VisemeWarpModel, signal: np.ndarray) -> np.ndarray:
+    """Feature rows (n_frames, F) of ``signal``, framed as the session worker does:
+    frame k's window is [k*640 - lookbehind, (k+1)*640 + lookahead), zero-padded."""
+    lb, la = model.lookbehind_chunks * 320, model.lookahead_chunks * 320
+    padded = np.concatenate([np.zeros(lb, np.float32), signal, np.zeros(la + FRAME_SAMPLES, np.float32)])
+    n = len(signal) // FRAME_SAMPLES
+    return np.stack([model.features(padded[k * FRAME_SAMPLES:k * FRAME_SAMPLES + lb + FRAME_SAMPLES + la])
+                     for k in range(n)])
+
+
+def openness_track(model: VisemeWarpModel, signal: np.ndarray) -> np.ndarray:
+    """Smoothed (openness, width) per frame, (n_frames, 2), without rendering."""
+    return np.array([model.smoother.step(*mouth_shape(f)) for f in frame_windows(model, signal)])
+
+
+def mouth_region(avatar, pad_below: float = 0.45) -> tuple[slice, slice]:
+    """The avatar's mouth box extended downward by ``pad_below`` x lip width (the jaw drop)."""
+    x1, y1, x2, y2 = (int(v) for v in avatar.mouth_boxes[0])
+    return slice(y1, int(y2 + pad_below * (x2 - x1))), slice(x1, x2)
+
+
+def test_contract_attributes(avatar):
+    model = VisemeWarpModel(avatar)
+    assert model.name == "viseme"
+    assert (model.lookbehind_chunks, model.lookahead_chunks) == (2, 1)
+    assert VisemeWarpModel(avatar, lookahead_ms=0, lookbehind_ms=20).lookahead_chunks == 0
+    window = tone([440], -20, 0.1)[:1600]
+    f = model.features(window)
+    assert f.dtype == np.float32 and f.shape == (vm.N_FEATURES,) == (len(vm.FEATURE_NAMES),)
+    patches = model.infer(np.stack([f, f, f]), [0, 1, 2])
+    assert len(patches) == 3 and all(isinstance(p, avatar_mod.FacePatch) for p in patches)
+    model.reset()
+    assert model.mouth_state == (0.0, 0.0)
+
+
+def test_features_silence_and_zero_padding():
+    silent = audio_features(np.zeros(1600, np.float32), 640, 320)
+    assert np.all(np.isfinite(silent)) and silent[0] <= -90 and np.all(silent[1:] == 0)
+    assert mouth_shape(silent) == (0.0, 0.0)
+    # Utterance edge: the frame's context is zero-padded; short windows are padded too.
+    edge = np.concatenate([np.zeros(800, np.float32), tone([300, 1200], -20, 0.05)])
+    for window in (edge, edge[:700], np.zeros(10, np.float32)):
+        assert np.all(np.isfinite(audio_features(window, 640, 320)))
+    loud = audio_features(tone([500, 1200], -20, 0.1)[:1600], 640, 320)
+    assert abs(loud[0] + 20) < 0.5  # dBFS of an RMS-scaled signal
+    assert np.allclose(loud[1:5], [0, 0.5, 0.5, 0], atol=0.01)  # band energy fractions
+    assert loud[5] == pytest.approx(0.85, abs=0.02)  # centroid (kHz)
+    assert loud[6] == pytest.approx(0.5, abs=0.02) and loud[7] == pytest.approx(1.2, abs=0.05)  # F1, F2 proxies
+
+
+def test_silence_gives_idle_frames(avatar):
+    model = VisemeWarpModel(avatar)
+    feats = frame_windows(model, np.zeros(FRAME_SAMPLES * 5, np.float32))
+    assert model.infer(feats, list(range(5))) == [None] * 5
+    assert model.mouth_state == (0.0, 0.0)
+    # After speech, the mouth closes to exactly 0 within a few frames of silence.
+    signal = np.concatenate([tone([300, 1000], -18, 0.4), np.zeros(SAMPLE_RATE // 2, np.float32)])
+    patches = model.infer(frame_windows(model, signal), list(range(signal.size // FRAME_SAMPLES)))
+    assert any(p is not None for p in patches[:10]) and patches[-3:] == [None] * 3
+    assert model.mouth_state == (0.0, 0.0)
+
+
+def test_louder_opens_more(avatar):
+    model = VisemeWarpModel(avatar)
+    settled = []
+    for dbfs in (-40, -30, -20, -10):
+        model.reset()
+        settled.append(openness_track(model, tone([300, 1000], dbfs, 0.4))[-1, 0])
+    assert all(a < b for a, b in zip(settled, settled[1:])), settled
+    assert 0 < settled[0] < 0.2 and settled[-1] == pytest.approx(1.0)
+
+
+def test_attack_faster_than_release(avatar):
+    model = VisemeWarpModel(avatar)
+    step = np.concatenate([np.zeros(8 * FRAME_SAMPLES, np.float32), tone([300, 1000], -15, 0.6),
+                           np.zeros(SAMPLE_RATE, np.float32)])
+    o = openness_track(model, step)[:, 0]
+    on, off = 8, 8 + 15  # first frame of sound / of silence
+    plateau = o[off - 1]
+    attack = int(np.argmax(o[on - 1:] >= 0.9 * plateau))  # frames from onset (lookahead may lead)
+    release = int(np.argmax(o[off:] <= 0.1 * plateau))
+    assert plateau > 0.95 and attack < release, (attack, release)
+    assert attack <= 3 and release <= 8
+
+
+def test_width_front_vs_back_vowel():
+    back = mouth_shape(audio_features(tone([300, 800], -20, 0.1)[:1600], 640, 320))
+    front = mouth_shape(audio_features(tone([300, 2300], -20, 0.1)[:1600], 640, 320))
+    assert back[1] < -0.3 and front[1] > 0.3, (back, front)
+    assert back[0] == pytest.approx(front[0], abs=0.05)  # same level, same openness
+    # Quiet frames: width is scaled down with openness.
+    quiet = mouth_shape(audio_features(tone([300, 2300], -42, 0.1)[:1600], 640, 320))
+    assert 0 < quiet[1] < 0.5 * front[1]
+
+
+def test_patch_is_local_to_the_mouth(avatar):
+    idle = avatar.frame(0)
+    patch = vm.render_mouth(avatar, 0, 0.6, 0.0)
+    x1, y1, x2, y2 = patch.box
+    mx1, my1, mx2, my2 = avatar.mouth_boxes[0]
+    assert x1 <= mx1 and y1 <= my1 and x2 >= mx2 and y2 >= my2  # covers the mouth and jaw
+    assert (x2 - x1) * (y2 - y1) < 0.5 * idle.shape[0] * idle.shape[1]  # not the whole frame
+    assert patch.image.dtype == np.uint8 and patch.image.shape == (y2 - y1, x2 - x1, 3)
+    assert patch.mask.dtype == np.float32 and patch.mask.shape == (y2 - y1, x2 - x1)
+    assert patch.mask.max() == 1.0 and patch.mask.min() >= 0.0
+    h, w = idle.shape[:2]
+    edges = [patch.mask[:, 0] if x1 > 0 else None, patch.mask[0] if y1 > 0 else None,
+             patch.mask[:, -1] if x2 < w else None, patch.mask[-1] if y2 < h else None]
+    assert all(e.max() < 0.05 for e in edges if e is not None)  # feathered toward the frame
+    out = avatar.composite(0, patch)
+    ys, xs = mouth_region(avatar)
+    assert np.abs(out[ys, xs].astype(int) - idle[ys, xs]).mean() > 10
+    outside = np.ones((h, w), bool)
+    outside[y1:y2, x1:x2] = False
+    assert np.array_equal(out[outside], idle[outside])
+    assert np.array_equal(out[: max(y1 - 1, 0)], idle[: max(y1 - 1, 0)])  # eyes, forehead untouched
+    assert vm.render_mouth(avatar, 0, 0.0, 0.0) is None
+    assert np.array_equal(avatar.frame(0), idle)  # the avatar frame was not written
+
+
+def test_openness_darkens_and_changes_the_mouth_monotonically(avatar):
+    idle = avatar.frame(0)
+    ys, xs = mouth_region(avatar)
+    dark, change = [], []
+    for o in (0.2, 0.4, 0.6, 0.8, 1.0):
+        out = avatar.composite(0, vm.render_mouth(avatar, 0, o, 0.0))
+        gray = cv2.cvtColor(out[ys, xs], cv2.COLOR_BGR2GRAY)
+        dark.append(int((gray < 50).sum()))
+        change.append(float(np.abs(out[ys, xs].astype(int) - idle[ys, xs]).mean()))
+    assert all(a < b for a, b in zip(dark, dark[1:])), dark
+    assert all(a < b for a, b in zip(change, change[1:])), change
+    # Width: spread lips reach further out than rounded ones at the same openness.
+    def dark_cols(width):
+        out = avatar.composite(0, vm.render_mouth(avatar, 0, 0.6, width))
+        return int((cv2.cvtColor(out[ys], cv2.COLOR_BGR2GRAY) < 50).any(axis=0).sum())
+    assert dark_cols(-1.0) < dark_cols(0.0) < dark_cols(1.0)
+
+
+def test_no_face_frames_give_none(avatar):
+    faceless = dataclasses.replace(avatar, landmarks=np.full_like(avatar.landmarks, np.nan))
+    model = VisemeWarpModel(faceless)
+    feats = frame_windows(model, tone([300, 1000], -15, 0.2))
+    assert model.infer(feats, list(range(len(feats)))) == [None] * len(feats)
+    assert model.mouth_state[0] > 0.5  # the smoothing still ran
+
+
+def test_timing(avatar):
+    model = VisemeWarpModel(avatar)
+    signal = tone([300, 1000, 2300], -18, 1.0)
+    t = time.perf_counter()
+    feats = frame_windows(model, signal)
+    t_features = time.perf_counter() - t
+    t = time.perf_counter()
+    patches = model.infer(feats, list(range(len(feats))))
+    t_infer = time.perf_counter() - t
+    assert len(patches) == 25 and all(p is not None for p in patches)
+    assert t_features < 0.1 and t_infer < 1.0, (t_features, t_infer)
+
+
+def load_16k(path: Path) -> np.ndarray:
+    sf = pytest.importorskip("soundfile")
+    from scipy.signal import resample_poly
+
+    x, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    g = gcd(SAMPLE_RATE, sr)
+    return resample_poly(x.mean(axis=1), SAMPLE_RATE // g, sr // g).astype(np.float32)
+
+
+@pytest.mark.skipif(not (MEDIA / "yongen.wav").is_file(), reason="shared demo media not present")
+def test_openness_follows_speech_envelope(avatar):
+    speech = load_16k(MEDIA / "yongen.wav")
+    model = VisemeWarpModel(avatar)
+    openness = openness_track(model, speech)[:, 0]
+    n = len(openness)
+    rms = np.sqrt(np.mean(speech[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES) ** 2, axis=1))
+    assert np.corrcoef(openness, rms)[0, 1] > 0.6
+    lags = range(-3, 4)
+    r = [np.corrcoef(openness[max(k, 0):n + min(k, 0)], rms[max(-k, 0):n - max(k, 0)])[0, 1] for k in lags]
+    assert abs(lags[int(np.argmax(r))]) <= 1, r
+    assert 0.2 < openness[openness > 0].mean() < 0.95  # moves, neither stuck shut nor wide open
