@@ -74,12 +74,13 @@ class AvatarVideoTrack(_SessionTrack):
         self._check_live()
         self.clock.start()
         slot = self._next
-        now = await self._wait_until(self.clock.slot_due(slot))
+        now = self.clock.now()
         if slot > 0 and now - self.clock.slot_due(slot) > self.worker.options.drop_threshold_ms / 1000:
-            current = self.clock.current_slot(now)
-            if current > slot:
-                self.metrics.video_dropped(current - slot)
-                slot = current
+            nearest = self.clock.current_slot(now + FRAME_MS / 2000)  # round, not floor
+            if nearest > slot:
+                self.metrics.video_dropped(nearest - slot)
+                slot = nearest
+        now = await self._wait_until(self.clock.slot_due(slot))
         late = slot > 0 and now - self.clock.slot_due(slot) > LATE_MS / 1000
         unit = self.playout.unit_for_slot(slot)
         frame = VideoFrame.from_ndarray(unit.video, format="bgr24")
