@@ -200,7 +200,7 @@ def mouth_shape(features: np.ndarray) -> tuple[float, float]:
 # syllables). Width (lip spread/rounding) uses one symmetric time constant.
 ATTACK_MS = 20.0
 RELEASE_MS = 75.0
-WIDTH_MS = 40.0
+WIDTH_MS = 60.0
 SNAP = 0.02  # below this (target 0), a smoothed value snaps to exactly 0 (idle frame)
 
 
@@ -242,8 +242,9 @@ class MouthSmoother:
 # corners (48, 54), x along the corners (u), y perpendicular, downward (v), unit
 # length W = corner distance (the mouth width). The *mouth line* runs 48 -> 60 ->
 # points between the inner-lip pairs (61,67) (62,66) (63,65) -> 64 -> 54: where the
-# lips part (see SPLIT_AT). Amplitudes are fractions of W (adult faces: jaw opening in speech up to
-# ~1/3 of the mouth width; lip spread/rounding changes the mouth width by ~+-25 %).
+# lips part (see SPLIT_AT). Amplitudes are fractions of W, rough adult proportions:
+# in open vowels the lips part by up to ~1.5-2 cm against a ~5 cm mouth width, and
+# spreading / rounding changes the mouth width by roughly +-25 %.
 JAW_DROP = 0.35  # lower lip / chin displacement at openness 1 (x W)
 LIP_LIFT = 0.06  # upper lip lift at openness 1 (x W), fading toward the nose
 LIP_SPAN = 0.85  # the lips part over this central fraction of the mouth width (corners stay shut)
@@ -317,7 +318,6 @@ class _MouthFrame:
         self.nose_h = max(self.y0(m[33, 0]) - m[33, 1], 0.2 * W)  # nose tip to mouth line
         self.jaw_l, self.jaw_r = min(m[4, 0], -0.7 * W), max(m[12, 0], 0.7 * W)
         self.gap = float(np.mean(m[[65, 66, 67], 1] - m[[63, 62, 61], 1]))  # inner lip gap now
-        self.lm = lm
 
     def to_mouth(self, p: np.ndarray) -> np.ndarray:
         q = p - self.c
@@ -394,12 +394,18 @@ def _roi(g: _MouthFrame, lm: np.ndarray, frame_size: tuple[int, int]) -> tuple[i
     return max(int(lo[0]), 0), max(int(lo[1]), 0), min(int(np.ceil(hi[0])), fw), min(int(np.ceil(hi[1])), fh)
 
 
-def _build_rig(lm: np.ndarray, frame_size: tuple[int, int]) -> _Rig:
-    """The warp geometry of a face with landmarks ``lm`` (68, 2) in a (width, height) frame."""
+def _build_rig(lm: np.ndarray, frame_size: tuple[int, int]) -> _Rig | None:
+    """The warp geometry of a face with landmarks ``lm`` (68, 2) in a (width, height)
+    frame; None when there is no usable face (NaN landmarks, a mouth under 4 px wide,
+    or a mouth region outside the frame)."""
+    if not np.isfinite(lm).all() or np.hypot(*(lm[54] - lm[48])) < 4:
+        return None
     g = _MouthFrame(lm)
     W, c, u, v = g.W, g.c, g.u, g.v
     x1, y1, x2, y2 = box = _roi(g, lm, frame_size)
     h, w = y2 - y1, x2 - x1
+    if h < 8 or w < 8:
+        return None
     gx, gy = _grid(h, w)
     m = g.to_mouth(np.stack([gx + x1, gy + y1], axis=-1).astype(np.float64))
     mx, my = m[..., 0], m[..., 1]
@@ -456,8 +462,7 @@ def _rig(avatar: Avatar, loop_index: int) -> _Rig | None:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    lm = avatar.landmarks[loop_index % len(avatar)]
-    rig = _build_rig(lm, avatar.size) if np.isfinite(lm).all() else None
+    rig = _build_rig(avatar.landmarks[loop_index % len(avatar)], avatar.size)
     with _cache_lock:
         if key[0] not in _cache_avatars:
             _cache_avatars.add(key[0])
@@ -471,14 +476,17 @@ def _rig(avatar: Avatar, loop_index: int) -> _Rig | None:
 
 
 def _paint_mouth(out: np.ndarray, rig: _Rig, openness: float, width: float) -> None:
-    """Paint the inner mouth into the warped ROI ``out`` (uint8 (h, w, 3), in place):
-    the polygon between the mouth line moved with the upper lip and with the lower
-    lip, antialiased and feathered by ~1 px."""
+    """Paint the inner mouth into the warped ROI ``out`` (uint8 (h, w, 3), in place).
+
+    The polygon between the mouth line moved with the upper lip and with the lower
+    lip (the same displacement as the warp), grown by up to 0.6 px to overlap the lip
+    edges, antialiased and feathered by ~1 px; filled with a vertical cavity-to-tongue
+    gradient, the teeth hint, and darker toward the corners."""
     v = np.asarray(rig.v, np.float32)
-    gap = openness * (rig.line_lo - rig.line_up) @ v  # (N,) px
-    parted = np.flatnonzero(gap > 0.05)
+    gap = openness * (rig.line_lo - rig.line_up) @ v  # (N_CONTOUR,) px
     if gap.max() < 0.3:
         return
+    parted = np.flatnonzero(gap > 0.05)
     k = slice(max(parted[0] - 1, 0), parted[-1] + 2)  # where the lips part, plus the closing points
     gap, base = gap[k], rig.line[k] + width * rig.line_w[k]
     grow = (0.6 * np.clip(gap / 2, 0, 1))[:, None] * v  # overlap the lips by up to 0.6 px
@@ -562,12 +570,14 @@ class VisemeWarpModel(LipSyncModel):
         return self.smoother.state
 
     def features(self, window: np.ndarray) -> np.ndarray:
-        """float32 (7,) ``audio_features`` of one frame's context window (16 kHz float32)."""
+        """float32 (N_FEATURES,) ``audio_features`` of one frame's context window: float32
+        (samples,) at 16 kHz, lookbehind + 640 + lookahead samples."""
         return audio_features(window, self.lookbehind_chunks * CHUNK_SAMPLES, self.lookahead_chunks * CHUNK_SAMPLES)
 
     def infer(self, features: np.ndarray, loop_indices: Sequence[int]) -> list[FacePatch | None]:
-        """features: float32 (B, 7), consecutive frames in order; loop_indices: B avatar
-        loop indices. Returns B patches (None: idle mouth or no face)."""
+        """features: float32 (B, N_FEATURES), consecutive frames in order; loop_indices:
+        B avatar loop indices. Steps the smoothing once per frame and returns B patches
+        (None: idle mouth, or no face in that avatar frame)."""
         out = []
         for f, i in zip(np.asarray(features, np.float32).reshape(len(loop_indices), -1), loop_indices):
             openness, width = self.smoother.step(*mouth_shape(f))

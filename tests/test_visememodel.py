@@ -122,7 +122,7 @@ def test_attack_faster_than_release(avatar):
 def test_width_front_vs_back_vowel():
     back = mouth_shape(audio_features(tone([300, 800], -20, 0.1)[:1600], 640, 320))
     front = mouth_shape(audio_features(tone([300, 2300], -20, 0.1)[:1600], 640, 320))
-    assert back[1] < -0.3 and front[1] > 0.3, (back, front)
+    assert back[1] < -0.3 and front[1] > 0.25, (back, front)
     assert back[0] == pytest.approx(front[0], abs=0.05)  # same level, same openness
     # Quiet frames: width is scaled down with openness.
     quiet = mouth_shape(audio_features(tone([300, 2300], -42, 0.1)[:1600], 640, 320))
