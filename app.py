@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -285,6 +286,14 @@ class AvatarServer:
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(WEB_DIR / "index.html")
 
+    async def on_startup(self, app: web.Application) -> None:
+        # aiortc encodes every audio and video frame on the loop's default executor;
+        # CPython sizes it by CPU count (6 threads on 2 cores), so a few sessions'
+        # encoders queue behind each other and frames go out late. Give each track
+        # of each session a thread, plus some for uploads and teardown.
+        workers = 2 * self.args.max_session + 4
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="media"))
+
     async def on_shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(self.close_session(s) for s in list(self.sessions.values())))
 
@@ -314,6 +323,7 @@ def build_app(args) -> web.Application:
     app.router.add_get("/metrics", server.metrics_handler)
     app.router.add_get("/", server.index)
     app.router.add_static("/web/", WEB_DIR)
+    app.on_startup.append(server.on_startup)
     app.on_shutdown.append(server.on_shutdown)
     return app
 

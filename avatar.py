@@ -39,7 +39,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +50,15 @@ from tqdm import tqdm
 from clock import VIDEO_FPS
 
 log = logging.getLogger("avatar")
+
+
+def to_i420(frame_bgr: np.ndarray) -> np.ndarray:
+    """BGR uint8 (H, W, 3) -> I420 (yuv420p) planes, uint8 (H * 3 // 2, W); H, W even.
+
+    OpenCV's conversion is BT.601 limited range like libswscale's (within one level)
+    but ~20x faster and releases the GIL, so it does not stall the event loop.
+    """
+    return cv2.cvtColor(frame_bgr, cv2.COLOR_BGR2YUV_I420)
 
 FORMAT_VERSION = 1  # bump when the cache layout or the landmark pipeline changes
 DEFAULT_ROOT = Path("data/avatars")
@@ -122,6 +131,7 @@ class Avatar:
     crop_boxes: np.ndarray
     mouth_boxes: np.ndarray
     fps: int = VIDEO_FPS
+    _i420: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -135,6 +145,14 @@ class Avatar:
         """Frame size (width, height) in pixels."""
         h, w = self.frames[0].shape[:2]
         return w, h
+
+    def frame_i420(self, i: int) -> np.ndarray:
+        """Loop frame ``i`` as I420 (yuv420p) planes, uint8 (H * 3 // 2, W); cached per source frame."""
+        key = self.source_index(i)
+        planes = self._i420.get(key)
+        if planes is None:
+            planes = self._i420[key] = to_i420(self.frame(i))
+        return planes
 
     def source_index(self, i: int) -> int:
         """Index of the source frame shown at loop index ``i`` (for per-source caches)."""
@@ -169,9 +187,8 @@ class Avatar:
         if mask is None:
             dst[:] = src
         else:
-            alpha = mask[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1, None].astype(np.float32, copy=False)
-            base = dst.astype(np.float32)
-            dst[:] = (base + (src - base) * alpha + 0.5).astype(np.uint8)
+            alpha = np.ascontiguousarray(mask[cy1 - y1 : cy2 - y1, cx1 - x1 : cx2 - x1], dtype=np.float32)
+            dst[:] = cv2.blendLinear(np.ascontiguousarray(src), np.ascontiguousarray(dst), alpha, 1.0 - alpha)
         return out
 
 

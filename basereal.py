@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from avatar import to_i420
 from baseasr import AudioInbox, AudioSegment, AudioUnit, BaseASR, SpeechQueueFull, StageQueue
 from clock import SAMPLE_RATE, SessionClock
 from metrics import SessionMetrics
@@ -120,8 +121,9 @@ class BaseReal:
         self._epoch_lock = threading.Lock()
         self._stop = threading.Event()
         self.playout = PlayoutBuffer(
-            idle_frame=avatar.frame,
+            idle_frame=avatar.frame_i420,
             loop_length=len(avatar),
+            idle_format="yuv420p",
             capacity=options.playout_capacity,
             prebuffer=options.prebuffer,
             on_underrun=metrics.underrun,
@@ -333,13 +335,17 @@ class BaseReal:
             if unit.epoch != self.epoch:
                 continue
             try:
-                frame = self.avatar.composite(unit.loop_index, patch)
+                # I420 here, off the event loop and the encoder thread
+                frame = to_i420(self.avatar.composite(unit.loop_index, patch)) if patch is not None else None
             except Exception:  # never lose the audio for a failed paste-back
                 log.exception("session %s: compositing failed", self.session_id[:8])
-                frame = self.avatar.frame(unit.loop_index)
+                frame = None
+            if frame is None:
+                frame = self.avatar.frame_i420(unit.loop_index)
             unit.stamps["composite"] = time.monotonic()
             media = MediaUnit(
                 video=frame,
+                video_format="yuv420p",
                 audio=np.clip(unit.pcm * 32767.0, -32768, 32767).astype(np.int16),
                 loop_index=unit.loop_index % len(self.avatar),
                 speech=unit.speech,

@@ -38,6 +38,13 @@ class Metrics:
         self.late = Counter("avatar_video_frames_late", "Video frames sent > 20 ms after due", ["session"], registry=r)
         self.underruns = Counter("avatar_playout_underruns", "Idle slots inserted inside speech", ["session"], registry=r)
         self.interrupts = Counter("avatar_interrupts", "Interrupts handled", ["session"], registry=r)
+        self.lateness = Histogram(
+            "avatar_video_lateness_seconds",
+            "How long after its due time on the session clock each video frame was handed to the encoder",
+            ["session"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16),
+            registry=r,
+        )
         self.sessions = Gauge("avatar_sessions", "Open sessions", registry=r)
         self._per_session = (
             self.video_frames,
@@ -47,6 +54,7 @@ class Metrics:
             self.late,
             self.underruns,
             self.interrupts,
+            self.lateness,
         )
 
     def session(self, session_id: str) -> "SessionMetrics":
@@ -82,6 +90,7 @@ class SessionMetrics:
         self._late = metrics.late.labels(session_id)
         self._underruns = metrics.underruns.labels(session_id)
         self._interrupts = metrics.interrupts.labels(session_id)
+        self._lateness = metrics.lateness.labels(session_id)
         self.frames_sent = 0
         self.frames_dropped = 0
         self.frames_late = 0
@@ -95,8 +104,10 @@ class SessionMetrics:
             if child is not None:
                 child.observe(max(0.0, t - t_in))
 
-    def video_sent(self, speech: bool, late: bool) -> None:
+    def video_sent(self, speech: bool, late: bool, lateness: float = 0.0) -> None:
+        """Count a sent video frame; ``lateness`` (s) after its due time."""
         self.frames_sent += 1
+        self._lateness.observe(max(0.0, lateness))
         self._video.inc()
         if speech:
             self.speech_frames_sent += 1

@@ -33,7 +33,8 @@ class MediaUnit:
     """One slot's media: a video frame and the 2 audio chunks that play with it.
 
     Attributes:
-        video: BGR uint8 (H, W, 3) frame.
+        video: the frame: BGR uint8 (H, W, 3), or I420 planes uint8 (H * 3 // 2, W).
+        video_format: "bgr24" or "yuv420p" (PyAV format name of ``video``).
         audio: int16 (FRAME_SAMPLES,) = (640,) PCM at 16 kHz, mono.
         loop_index: avatar frame-loop index the frame was drawn from.
         speech: True when the unit carries user audio tagged as speech.
@@ -47,6 +48,7 @@ class MediaUnit:
     video: np.ndarray
     audio: np.ndarray
     loop_index: int
+    video_format: str = "bgr24"
     speech: bool = False
     epoch: int = 0
     idle: bool = False
@@ -62,7 +64,8 @@ class PlayoutBuffer:
     """Bounded FIFO of ready units plus the slot -> unit decisions.
 
     Args:
-        idle_frame: ``loop_index -> BGR frame`` for the idle avatar loop.
+        idle_frame: ``loop_index -> frame`` for the idle avatar loop.
+        idle_format: PyAV format name of the idle frames ("bgr24" or "yuv420p").
         loop_length: number of frames in the avatar loop.
         capacity: maximum number of queued units; :meth:`put` blocks beyond it.
         prebuffer: units that must be ready before a speech segment starts.
@@ -75,6 +78,7 @@ class PlayoutBuffer:
         self,
         idle_frame: Callable[[int], np.ndarray],
         loop_length: int,
+        idle_format: str = "bgr24",
         capacity: int = 50,
         prebuffer: int = 1,
         history: int = 128,
@@ -83,6 +87,7 @@ class PlayoutBuffer:
         if capacity < 1 or prebuffer < 1:
             raise ValueError("capacity and prebuffer must be >= 1")
         self._idle_frame = idle_frame
+        self._idle_format = idle_format
         self._loop_length = max(1, loop_length)
         self.capacity = capacity
         self.prebuffer = min(prebuffer, capacity)
@@ -161,7 +166,7 @@ class PlayoutBuffer:
         unit = self._decided.get(slot)
         if unit is None:  # asked far too late: history pruned
             index = self.loop_pos
-            unit = MediaUnit(video=self._idle_frame(index), audio=SILENCE, loop_index=index, idle=True)
+            unit = self._idle_unit(index)
         return unit
 
     def _decide(self, slot: int) -> None:
@@ -192,4 +197,8 @@ class PlayoutBuffer:
     def _make_idle(self) -> MediaUnit:
         index = self.loop_pos
         self.loop_pos = (index + 1) % self._loop_length
-        return MediaUnit(video=self._idle_frame(index), audio=SILENCE, loop_index=index, idle=True)
+        return self._idle_unit(index)
+
+    def _idle_unit(self, index: int) -> MediaUnit:
+        video = self._idle_frame(index)
+        return MediaUnit(video=video, audio=SILENCE, loop_index=index, video_format=self._idle_format, idle=True)

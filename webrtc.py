@@ -35,6 +35,7 @@ from clock import (
     chunk_slot,
     video_pts,
 )
+from playout import SILENCE
 
 if TYPE_CHECKING:
     from basereal import BaseReal
@@ -81,13 +82,13 @@ class AvatarVideoTrack(_SessionTrack):
                 self.metrics.video_dropped(nearest - slot)
                 slot = nearest
         now = await self._wait_until(self.clock.slot_due(slot))
-        late = slot > 0 and now - self.clock.slot_due(slot) > LATE_MS / 1000
+        lateness = now - self.clock.slot_due(slot) if slot > 0 else 0.0
         unit = self.playout.unit_for_slot(slot)
-        frame = VideoFrame.from_ndarray(unit.video, format="bgr24")
+        frame = VideoFrame.from_ndarray(unit.video, format=unit.video_format)
         frame.pts = video_pts(slot)
         frame.time_base = VIDEO_TIME_BASE
         self._next = slot + 1
-        self.metrics.video_sent(speech=not unit.idle, late=late)
+        self.metrics.video_sent(speech=not unit.idle, late=lateness > LATE_MS / 1000, lateness=lateness)
         if not unit.idle:
             unit.stamps["sent"] = now
             self.metrics.observe_stages(unit.t_in, unit.stamps)
@@ -106,7 +107,10 @@ class AvatarAudioTrack(_SessionTrack):
         await self._wait_until(self.clock.chunk_due(chunk))
         unit = self.playout.unit_for_slot(chunk_slot(chunk))
         part = chunk % AUDIO_CHUNKS_PER_FRAME
-        samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
+        if unit.epoch != self.playout.epoch:  # interrupted mid-slot: the rest is silence
+            samples = SILENCE[:CHUNK_SAMPLES]
+        else:
+            samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
         frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
         frame.pts = audio_pts(chunk)

@@ -34,6 +34,11 @@ class FakeAvatar:
     def frame(self, i: int) -> np.ndarray:
         return self.frames[i % len(self.frames)]
 
+    def frame_i420(self, i: int) -> np.ndarray:
+        from avatar import to_i420
+
+        return to_i420(self.frame(i))
+
     def composite(self, i: int, patch) -> np.ndarray:
         if patch is None:
             return self.frame(i)

@@ -39,7 +39,7 @@ def test_speech_reaches_playout_with_audio_intact_and_no_model_call_in_silence()
         audio = np.concatenate([u.audio for u in played]).astype(np.float32) / 32767
         np.testing.assert_allclose(audio[: len(pcm)], pcm, atol=1e-4)
         assert sum(model.batches) == 10 + 3  # 10 speech frames + hangover, none for silence
-        assert sum(1 for u in played if (u.video == 255).all()) == 13  # rendered frames
+        assert sum(1 for u in played if u.video[:32].min() > 200) == 13  # rendered (white) frames: Y plane
     finally:
         w.stop()
 
