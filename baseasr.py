@@ -32,6 +32,8 @@ VAD_THRESHOLD_DBFS = -45.0
 # Frames kept tagged as speech after the last speech chunk (VAD hangover), so the
 # model can close the mouth smoothly instead of snapping to the idle frame.
 VAD_HANGOVER_FRAMES = 3
+# Most frames whose features are computed in one call (bounds the first frame's wait).
+FEATURE_BATCH = 8
 # An utterance with no end-of-utterance mark is closed after this much input silence (s).
 UTTERANCE_GAP_S = 0.3
 
@@ -257,6 +259,7 @@ class BaseASR(threading.Thread):
         self._stop_event = stop_event
         self.vad_threshold = vad_threshold_dbfs
         self.hangover = hangover_frames
+        self.feature_batch = FEATURE_BATCH
         self.busy = False  # holds audio of an unfinished utterance
         self._reset_utterance(-1)
 
@@ -295,6 +298,12 @@ class BaseASR(threading.Thread):
             self._buf = np.concatenate([self._buf, segment.pcm.astype(np.float32, copy=False)])
             self._emit(flush=segment.end_of_utterance)
 
+    def compute_features(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Features of consecutive speech frames' windows (stride 640 samples, one
+        call per group of at most ``feature_batch`` frames). Override to batch the
+        work, e.g. one audio-encoder pass over the union of the windows."""
+        return [self.features(w) for w in windows]
+
     def _emit(self, flush: bool) -> None:
         """Emit every frame whose lookahead is available; on ``flush`` pad and close."""
         if flush:
@@ -304,31 +313,40 @@ class BaseASR(threading.Thread):
             self._buf = np.pad(self._buf, (0, max(0, need - len(self._buf))))
         span = self.lookbehind + FRAME_SAMPLES + self.lookahead
         while len(self._buf) >= span and not self._stale():
-            window = self._buf[:span]
-            pcm = window[self.lookbehind : self.lookbehind + FRAME_SAMPLES]
-            levels = chunk_levels_dbfs(window[self.lookbehind :])  # frame + lookahead chunks
-            chunk_speech = levels[:2] > self.vad_threshold
-            if np.any(levels > self.vad_threshold):  # this frame or its lookahead
-                self._since_speech = 0
-            else:
-                self._since_speech += 1
-            speech = self._since_speech <= self.hangover
-            final = flush and len(self._buf) - FRAME_SAMPLES < span
-            unit = AudioUnit(
-                pcm=pcm.copy(),
-                chunk_speech=chunk_speech,
-                speech=speech,
-                features=self.features(window) if speech else None,
-                loop_index=self._loop_start + self._frame,
-                index=self._frame,
-                epoch=self._epoch_seen,
-                final=final,
-                t_in=self._t_in,
-            )
-            unit.stamps["features"] = time.monotonic()
-            if not self.out_queue.put(unit, is_stale=self._stale):
-                return
-            self._buf = self._buf[FRAME_SAMPLES:]
-            self._frame += 1
+            n = min(self.feature_batch, (len(self._buf) - span) // FRAME_SAMPLES + 1)
+            last_group = len(self._buf) - n * FRAME_SAMPLES < span
+            units, speech_windows = [], []
+            for i in range(n):
+                window = self._buf[i * FRAME_SAMPLES : i * FRAME_SAMPLES + span]
+                levels = chunk_levels_dbfs(window[self.lookbehind :])  # frame + lookahead chunks
+                if np.any(levels > self.vad_threshold):  # this frame or its lookahead
+                    self._since_speech = 0
+                else:
+                    self._since_speech += 1
+                unit = AudioUnit(
+                    pcm=window[self.lookbehind : self.lookbehind + FRAME_SAMPLES].copy(),
+                    chunk_speech=levels[:2] > self.vad_threshold,
+                    speech=self._since_speech <= self.hangover,
+                    features=None,
+                    loop_index=self._loop_start + self._frame + i,
+                    index=self._frame + i,
+                    epoch=self._epoch_seen,
+                    final=flush and last_group and i == n - 1,
+                    t_in=self._t_in,
+                )
+                units.append(unit)
+                if unit.speech:
+                    speech_windows.append((unit, window))
+            if speech_windows:
+                features = self.compute_features([w for _, w in speech_windows])
+                for (unit, _), f in zip(speech_windows, features):
+                    unit.features = f
+            now = time.monotonic()
+            for unit in units:
+                unit.stamps["features"] = now
+                if not self.out_queue.put(unit, is_stale=self._stale):
+                    return
+            self._buf = self._buf[n * FRAME_SAMPLES :]
+            self._frame += n
         if flush:
             self._reset_utterance(self._epoch_seen)
