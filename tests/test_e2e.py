@@ -114,3 +114,23 @@ def test_interrupt_silences_within_200ms(server):
 
 async def _loud_since(rec, n0):
     return any(float(np.sqrt(np.mean(a * a))) > SPEECH_RMS for a in rec.audio[n0:])
+
+
+def test_human_echo_speaks_text_and_interrupt_flag_replaces_speech(server):
+    long_text = "This is a long sentence that keeps the avatar talking for quite a while. " * 6
+
+    async def run():
+        async with AvatarClient(server.url) as c:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            rec = c.received
+            assert (await c.say(long_text))["code"] == 0
+            n0 = len(rec.audio)
+            assert await wait_until(lambda: _loud_since(rec, n0), 10), "TTS speech never arrived"
+            await asyncio.sleep(0.5)
+            t_replace = time.monotonic()
+            assert (await c.say("Stop.", interrupt=True))["code"] == 0
+            assert await wait_until(lambda: _not(c.is_speaking), 10), "still speaking the long text"
+            return time.monotonic() - t_replace
+
+    took = asyncio.run(run())
+    assert took < 5.0, f"replacing speech took {took:.1f} s: the long text was not interrupted"
