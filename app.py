@@ -70,17 +70,20 @@ def select_model(args) -> tuple[str, str]:
     """Pick the lip-sync model: returns (name, reason)."""
     if args.model == "default":
         return "default", "requested with --model default"
-    weights = args.models_dir / "musetalkV15" / "unet.pth"
     if args.model == "musetalk":
         return "musetalk", "requested with --model musetalk"
-    if not weights.exists():
-        return "default", f"MuseTalk weights not found ({weights})"
+    if not args.models_dir.is_dir():
+        return "default", f"no MuseTalk weights folder at {args.models_dir.resolve()}"
     try:
         import torch
-    except ImportError:
-        return "default", "PyTorch is not installed"
+
+        from musetalk.models import find_weights
+
+        find_weights(args.models_dir, args.musetalk_version)
+    except FileNotFoundError as e:
+        return "default", f"MuseTalk weights incomplete: {str(e).splitlines()[0]}"
     if not torch.cuda.is_available():
-        return "default", "no CUDA device (MuseTalk on CPU is far below real time)"
+        return "default", "no CUDA device (MuseTalk on CPU is far below real time; force it with --model musetalk)"
     return "musetalk", f"weights at {args.models_dir} and CUDA device {torch.cuda.get_device_name(0)}"
 
 

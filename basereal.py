@@ -65,6 +65,17 @@ class LipSyncModel(abc.ABC):
     def reset(self) -> None:
         """Forget smoothing state (after silence and on interrupt)."""
 
+    def make_asr(self, **kwargs: Any) -> BaseASR:
+        """The session's ASR thread for this model; ``kwargs`` are BaseASR's queue,
+        inbox, epoch, loop-hint, stop-event and name arguments. Models with their own
+        feature extractor (MuseTalk: ``museasr.MuseASR``) override this."""
+        return BaseASR(
+            features=self.features,
+            lookbehind_chunks=self.lookbehind_chunks,
+            lookahead_chunks=self.lookahead_chunks,
+            **kwargs,
+        )
+
 
 @dataclass
 class SessionOptions:
@@ -132,10 +143,7 @@ class BaseReal:
         self.text_queue: StageQueue[tuple[int, str]] = StageQueue(options.max_texts)
         self.unit_queue: StageQueue[AudioUnit] = StageQueue(max(2 * options.batch_size, 4))
         self.composite_queue: StageQueue[tuple[AudioUnit, Any]] = StageQueue(max(2 * options.batch_size, 4))
-        self.asr = BaseASR(
-            features=model.features,
-            lookbehind_chunks=model.lookbehind_chunks,
-            lookahead_chunks=model.lookahead_chunks,
+        self.asr = model.make_asr(
             out_queue=self.unit_queue,
             inbox=self.inbox,
             epoch=lambda: self.epoch,

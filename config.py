@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: MuseTalk when its weights and a CUDA device are present, else the embedded default",
     )
     p.add_argument("--models_dir", type=Path, default=Path("models"), help="MuseTalk weights folder")
+    p.add_argument("--musetalk_version", default="v15", choices=["v15", "v1"], help="MuseTalk weights version")
+    p.add_argument("--bbox_shift", type=int, default=0, help="MuseTalk v1.0 face-box centre shift (px)")
+    p.add_argument("--extra_margin", type=int, help="MuseTalk v1.5 extra margin below the chin (px; default 10 for v1.5, 0 for v1)")
+    p.add_argument(
+        "--parsing",
+        default="jaw",
+        choices=["jaw", "raw", "landmarks"],
+        help="MuseTalk blend mask: BiSeNet face parsing (jaw: v1.5, raw: v1.0) when its weights exist, else landmarks",
+    )
     p.add_argument("--avatar_id", default="default", help="prepared avatar under --avatars_dir")
     p.add_argument("--avatars_dir", type=Path, default=Path("data/avatars"))
     p.add_argument("--latency_mode", default="low", choices=sorted(LATENCY_PRESETS))
@@ -90,6 +99,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.batch_size < 1 or args.min_batch < 1 or args.prebuffer < 1:
         parser.error("--batch_size, --min_batch and --prebuffer must be >= 1")
     args.min_batch = min(args.min_batch, args.batch_size)
+    if args.extra_margin is None:
+        args.extra_margin = 10 if args.musetalk_version == "v15" else 0
     return args
 
 

@@ -13,6 +13,8 @@ SHARED_MEDIA = ROOT.parent / "shared" / "media"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from basereal import LipSyncModel  # noqa: E402
+
 
 def shared_media(name: str) -> Path:
     """Path of a file in ../shared/media; skips the test when it is absent."""
@@ -47,7 +49,7 @@ class FakeAvatar:
         return out
 
 
-class FakeModel:
+class FakeModel(LipSyncModel):
     """Records batches; features = frame RMS; renders a marker patch."""
 
     name = "fake"
