@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,37 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--max_upload_mb", "2", "--max_session", "4")
     yield srv
     srv.stop()
+
+
+# -- end-to-end helpers ------------------------------------------------------------------
+SPEECH_RMS = 0.01  # received audio louder than this (-40 dBFS) is speech
+
+
+def speech_input():
+    """(kind, payload): yongen.wav when ../shared is there, else text for the offline TTS."""
+    wav = SHARED_MEDIA / "yongen.wav"
+    if wav.exists():
+        return "file", wav
+    return "text", "Hello there. I am the default avatar, and my lips move when I speak. This is a test of the streaming server."
+
+
+async def wait_until(pred, timeout):
+    """Poll the async predicate every 100 ms until it holds; False after ``timeout`` s."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if await pred():
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+def frame_rms(rec):
+    return np.array([float(np.sqrt(np.mean(a * a))) for a in rec.audio])
+
+
+async def not_(coro_fn):
+    return not await coro_fn()
+
+
+async def loud_since(rec, n0):
+    return any(float(np.sqrt(np.mean(a * a))) > SPEECH_RMS for a in rec.audio[n0:])

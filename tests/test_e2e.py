@@ -10,30 +10,7 @@ import numpy as np
 import pytest
 
 from client import AvatarClient, av_offset, mouth_box, mouth_motion
-from conftest import SHARED_MEDIA, server  # noqa: F401  (fixture)
-
-SPEECH_RMS = 0.01  # received audio louder than this (-40 dBFS) is speech
-
-
-def speech_input():
-    """(kind, payload): yongen.wav when ../shared is there, else text for the offline TTS."""
-    wav = SHARED_MEDIA / "yongen.wav"
-    if wav.exists():
-        return "file", wav
-    return "text", "Hello there. I am the default avatar, and my lips move when I speak. This is a test of the streaming server."
-
-
-async def wait_until(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if await pred():
-            return True
-        await asyncio.sleep(0.1)
-    return False
-
-
-def frame_rms(rec):
-    return np.array([float(np.sqrt(np.mean(a * a))) for a in rec.audio])
+from conftest import SPEECH_RMS, loud_since, not_, frame_rms, server, speech_input, wait_until  # noqa: F401
 
 
 def test_speech_streams_with_moving_mouth_in_sync(server):
@@ -46,7 +23,7 @@ def test_speech_streams_with_moving_mouth_in_sync(server):
             r = await (c.push_audio_file(payload) if kind == "file" else c.say(payload))
             assert r["code"] == 0, r
             assert await wait_until(c.is_speaking, 5)
-            assert await wait_until(lambda: _not(c.is_speaking), 40)
+            assert await wait_until(lambda: not_(c.is_speaking), 40)
             await asyncio.sleep(1.0)
             return c.received, t_push
 
@@ -80,10 +57,6 @@ def test_speech_streams_with_moving_mouth_in_sync(server):
     assert abs(lag) <= 0.040, f"A/V offset {lag * 1000:.0f} ms"
 
 
-async def _not(coro_fn):
-    return not await coro_fn()
-
-
 def test_interrupt_silences_within_200ms(server):
     async def run():
         async with AvatarClient(server.url) as c:
@@ -95,7 +68,7 @@ def test_interrupt_silences_within_200ms(server):
                 await c.say(payload)
             rec = c.received
             n0 = len(rec.audio)
-            assert await wait_until(lambda: _loud_since(rec, n0), 10), "no speech arrived"
+            assert await wait_until(lambda: loud_since(rec, n0), 10), "no speech arrived"
             await asyncio.sleep(0.5)
             t_int = time.monotonic()
             assert (await c.interrupt())["code"] == 0
@@ -112,8 +85,6 @@ def test_interrupt_silences_within_200ms(server):
     assert not speaking
 
 
-async def _loud_since(rec, n0):
-    return any(float(np.sqrt(np.mean(a * a))) > SPEECH_RMS for a in rec.audio[n0:])
 
 
 def test_human_echo_speaks_text_and_interrupt_flag_replaces_speech(server):
@@ -125,11 +96,11 @@ def test_human_echo_speaks_text_and_interrupt_flag_replaces_speech(server):
             rec = c.received
             assert (await c.say(long_text))["code"] == 0
             n0 = len(rec.audio)
-            assert await wait_until(lambda: _loud_since(rec, n0), 10), "TTS speech never arrived"
+            assert await wait_until(lambda: loud_since(rec, n0), 10), "TTS speech never arrived"
             await asyncio.sleep(0.5)
             t_replace = time.monotonic()
             assert (await c.say("Stop.", interrupt=True))["code"] == 0
-            assert await wait_until(lambda: _not(c.is_speaking), 10), "still speaking the long text"
+            assert await wait_until(lambda: not_(c.is_speaking), 10), "still speaking the long text"
             return time.monotonic() - t_replace
 
     took = asyncio.run(run())
