@@ -110,6 +110,7 @@ class AvatarServer:
         self.options = session_options(args)
         self._tts = None
         self._tts_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._model_factory = self._build_model_factory()
 
     # -- set-up -------------------------------------------------------------------
@@ -130,15 +131,29 @@ class AvatarServer:
         return lambda: VisemeWarpModel(self.avatar, lookahead_ms=a.r * 20, lookbehind_ms=a.l * 20)
 
     async def tts(self):
-        """The shared TTS engine, loaded once off the event loop (None with --tts none)."""
+        """The shared TTS engine, loaded once off the event loop.
+
+        None with ``--tts none`` or when no engine loads (text input then answers 400).
+        """
         if self.args.tts == "none":
             return None
         if self._tts_task is None:
-            from tts import make_tts
-
-            loop = asyncio.get_running_loop()
-            self._tts_task = asyncio.ensure_future(loop.run_in_executor(None, make_tts, self.args.tts))
+            self._tts_task = asyncio.ensure_future(self._load_tts())
         return await asyncio.shield(self._tts_task)
+
+    async def _load_tts(self):
+        from tts import make_tts
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, make_tts, self.args.tts)
+        except Exception:
+            log.exception("no TTS engine could be loaded: /human is unavailable")
+            return None
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # -- sessions -------------------------------------------------------------------
     def session(self, body: dict[str, Any]) -> Session:
@@ -198,7 +213,7 @@ class AvatarServer:
             await self.close_session(session)
             raise HTTPError(400, f"bad offer: {e}") from e
         worker.start()
-        asyncio.ensure_future(self._close_if_not_connected(session))
+        self._background(self._close_if_not_connected(session))
         log.info("session %s opened (%d open)", sid[:8], len(self.sessions))
         return web.json_response(
             {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "sessionid": sid, "code": 0}
@@ -296,6 +311,7 @@ class AvatarServer:
         # of each session a thread, plus some for uploads and teardown.
         workers = 2 * self.args.max_session + 4
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="media"))
+        self._background(self.tts())  # load the voice now, not on the first /offer
 
     async def on_shutdown(self, app: web.Application) -> None:
         await asyncio.gather(*(self.close_session(s) for s in list(self.sessions.values())))
