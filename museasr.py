@@ -1,0 +1,138 @@
+"""The MuseTalk ASR thread: streaming Whisper feature windows for speech frames.
+
+:class:`MuseASR` is a :class:`baseasr.BaseASR` whose features are MuseTalk's (50, d)
+Whisper windows (``musetalk.audio_features``). BaseASR hands it the context windows
+of up to ``feature_batch`` speech frames at a time; MuseASR runs ONE encoder pass
+per run of consecutive frames over the union of their windows
+(:class:`~musetalk.audio_features.StreamingFeatureExtractor`), with the frames'
+utterance-relative indices (Whisper positions, utterance-start handling) and the
+utterance's :class:`~musetalk.audio_features.StreamState` (log-mel peak).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+import numpy as np
+
+from baseasr import VAD_HANGOVER_FRAMES, VAD_THRESHOLD_DBFS, AudioInbox, AudioUnit, BaseASR, StageQueue
+from clock import CHUNK_SAMPLES, FRAME_SAMPLES
+from musetalk.audio_features import StreamingFeatureExtractor, StreamState
+
+__all__ = ["MuseASR", "muse_context_chunks"]
+
+
+def muse_context_chunks(extractor: StreamingFeatureExtractor) -> tuple[int, int]:
+    """(lookbehind_chunks, lookahead_chunks): the extractor's audio context around a
+    frame in 20 ms chunks, rounded up (the session's ``LipSyncModel`` attributes)."""
+    return (
+        math.ceil(extractor.lookbehind_samples / CHUNK_SAMPLES),
+        math.ceil(extractor.lookahead_samples / CHUNK_SAMPLES),
+    )
+
+
+class MuseASR(BaseASR):
+    """BaseASR whose speech frames get MuseTalk (50, d) float32 Whisper windows.
+
+    Frame indices: BaseASR passes the windows of a group's speech frames only
+    (silent frames of the group are skipped), each a slice of its utterance buffer
+    starting ``640 * i`` samples after the group's first frame (``BaseASR._emit``).
+    MuseASR reads ``i`` from the slice's offset in that buffer, so the frames'
+    utterance indices stay exact across silent gaps.
+
+    Args:
+        extractor: the (shareable) streaming extractor; its lookbehind/lookahead
+            set the ASR's context.
+        out_queue, inbox, epoch, loop_hint, stop_event, vad_threshold_dbfs,
+            hangover_frames, name: as for :class:`baseasr.BaseASR`.
+
+    Raises:
+        ValueError: the extractor's context is not a whole number of 20 ms chunks.
+    """
+
+    def __init__(
+        self,
+        extractor: StreamingFeatureExtractor,
+        out_queue: StageQueue[AudioUnit],
+        inbox: AudioInbox,
+        epoch: Callable[[], int],
+        loop_hint: Callable[[], int],
+        stop_event: threading.Event,
+        vad_threshold_dbfs: float = VAD_THRESHOLD_DBFS,
+        hangover_frames: int = VAD_HANGOVER_FRAMES,
+        name: str = "asr",
+    ) -> None:
+        lookbehind, lookahead = muse_context_chunks(extractor)
+        context = (extractor.lookbehind_samples, extractor.lookahead_samples)
+        if (lookbehind * CHUNK_SAMPLES, lookahead * CHUNK_SAMPLES) != context:
+            raise ValueError("the extractor's context must be whole 20 ms chunks")
+        self.extractor = extractor
+        super().__init__(
+            features=self.frame_features,
+            lookbehind_chunks=lookbehind,
+            lookahead_chunks=lookahead,
+            out_queue=out_queue,
+            inbox=inbox,
+            epoch=epoch,
+            loop_hint=loop_hint,
+            stop_event=stop_event,
+            vad_threshold_dbfs=vad_threshold_dbfs,
+            hangover_frames=hangover_frames,
+            name=name,
+        )
+
+    def _reset_utterance(self, epoch: int) -> None:
+        super()._reset_utterance(epoch)
+        self._stream = StreamState()
+
+    def frame_features(self, window: np.ndarray) -> np.ndarray:
+        """(50, d) float32 window of one frame (a window BaseASR cut from its buffer)."""
+        return self.compute_features([window])[0]
+
+    def _frame_index(self, window: np.ndarray) -> int:
+        """Utterance index of the frame whose context window ``window`` is (a slice of
+        the current buffer, see the class docstring).
+
+        Raises:
+            ValueError: ``window`` is not such a slice.
+        """
+        buf = self._buf
+        offset = window.__array_interface__["data"][0] - buf.__array_interface__["data"][0]
+        samples, rest = divmod(offset, buf.itemsize)
+        if (
+            not np.shares_memory(window, buf)
+            or window.dtype != buf.dtype
+            or rest
+            or samples % FRAME_SAMPLES
+            or samples + window.size > buf.size
+        ):
+            raise ValueError("MuseASR needs the context windows BaseASR cuts from its buffer")
+        return self._frame + samples // FRAME_SAMPLES
+
+    def compute_features(self, windows: list[np.ndarray]) -> list[np.ndarray]:
+        """Features of the speech frames of one group: one encoder pass per run of
+        consecutive frames, over the union of the run's windows (the first window,
+        then the last 640 samples of each later one).
+
+        Args:
+            windows: context windows (float32, ``lookbehind + 640 + lookahead``
+                samples) of frames of the current group, in frame order.
+
+        Returns:
+            one float32 (50, d) array per window.
+
+        Raises:
+            ValueError: a window that is not a slice of BaseASR's buffer.
+        """
+        indices = [self._frame_index(w) for w in windows]
+        out: list[np.ndarray] = []
+        run_start = 0
+        for i in range(1, len(windows) + 1):
+            if i == len(windows) or indices[i] != indices[i - 1] + 1:
+                run = windows[run_start:i]
+                span = np.concatenate([run[0]] + [w[-FRAME_SAMPLES:] for w in run[1:]])
+                out.extend(self.extractor.windows(span, len(run), indices[run_start], self._stream))
+                run_start = i
+        return out
