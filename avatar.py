@@ -37,7 +37,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -476,11 +476,15 @@ def _is_cached(path: Path, key: dict) -> bool:
     return manifest is not None and all(manifest.get(k) == v for k, v in key.items())
 
 
-def _publish(tmp: Path, out: Path, key: dict) -> None:
-    """Move the finished ``tmp`` directory to ``out`` atomically.
+def publish_atomically(tmp: Path, out: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Move the finished cache directory ``tmp`` to ``out`` atomically.
 
-    A stale ``out`` (other inputs) is moved aside and deleted; if another process
-    published the same inputs meanwhile, its result is kept (the caller deletes ``tmp``).
+    A stale ``out`` (``is_complete(out)`` false: other inputs, or broken) is moved
+    aside and deleted; if another process published a complete ``out`` meanwhile,
+    its result is kept and the caller deletes ``tmp``.
+
+    Raises:
+        OSError: ``out`` could not be replaced after several tries.
     """
     for _ in range(5):
         try:
@@ -489,7 +493,7 @@ def _publish(tmp: Path, out: Path, key: dict) -> None:
         except OSError:
             if not out.exists():
                 raise
-        if _is_cached(out, key):
+        if is_complete(out):
             return
         stale = out.with_name(f".{out.name}.stale-{uuid.uuid4().hex[:8]}")
         with contextlib.suppress(FileNotFoundError):
@@ -525,7 +529,7 @@ def _build(out: Path, frames: Iterator[np.ndarray], total: int, fps: float, key:
         manifest = {**key, "frame_count": len(rows), "frame_size": list(size), "fps": fps,
                     "frames_with_face": faces, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _publish(tmp, out, key)
+        publish_atomically(tmp, out, lambda p: _is_cached(p, key))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("avatar %r: %d frames %dx%d, face in %d, written to %s", out.name, len(rows), *size, faces, out)

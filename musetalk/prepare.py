@@ -39,7 +39,6 @@ CLI (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
@@ -48,7 +47,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,25 +338,6 @@ def _is_cached(path: Path, inputs: dict) -> bool:
     return all(manifest.get(k) == v for k, v in inputs.items()) and all((path / f).is_file() for f in FILES)
 
 
-def _publish(tmp: Path, out: Path, inputs: dict) -> None:
-    """Rename the finished ``tmp`` dir to ``out`` atomically, replacing a broken ``out``
-    (one left by a concurrent preparation of the same inputs is kept)."""
-    for _ in range(5):
-        try:
-            os.replace(tmp, out)
-            return
-        except OSError:
-            if not out.exists():
-                raise
-        if _is_cached(out, inputs):
-            return
-        stale = out.with_name(f".{out.name}.stale-{uuid.uuid4().hex[:8]}")
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(out, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    raise OSError(f"could not replace {out}")
-
-
 def _build(out, avatar, vae, inputs, bbox_shift, extra_margin, parsing, parsing_mode, batch_size, device) -> None:
     """Compute boxes, latents and masks of every source frame; write them to ``out``."""
     s_count = _source_count(avatar)
@@ -415,7 +394,7 @@ def _build(out, avatar, vae, inputs, bbox_shift, extra_margin, parsing, parsing_
                     "frame_size": list(frame_size), "latent_shape": list(latents.shape[1:]),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        _publish(tmp, out, inputs)
+        avatar_mod.publish_atomically(tmp, out, lambda p: _is_cached(p, inputs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
