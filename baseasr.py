@@ -224,7 +224,8 @@ class BaseASR(threading.Thread):
 
     Args:
         features: ``window -> features``; ``window`` is float32 covering
-            ``[frame_start - lookbehind, frame_end + lookahead)`` at 16 kHz.
+            ``[frame_start - lookbehind, frame_end + lookahead)`` at 16 kHz (None
+            for subclasses that override :meth:`compute_features`).
         lookbehind_chunks / lookahead_chunks: feature context in 20 ms chunks.
         out_queue: bounded queue to the inference thread.
         epoch: callable returning the session's current interrupt epoch.
@@ -236,7 +237,7 @@ class BaseASR(threading.Thread):
 
     def __init__(
         self,
-        features: Callable[[np.ndarray], np.ndarray],
+        features: Callable[[np.ndarray], np.ndarray] | None,
         lookbehind_chunks: int,
         lookahead_chunks: int,
         out_queue: StageQueue[AudioUnit],
@@ -298,10 +299,17 @@ class BaseASR(threading.Thread):
             self._buf = np.concatenate([self._buf, segment.pcm.astype(np.float32, copy=False)])
             self._emit(flush=segment.end_of_utterance)
 
-    def compute_features(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """Features of consecutive speech frames' windows (stride 640 samples, one
-        call per group of at most ``feature_batch`` frames). Override to batch the
-        work, e.g. one audio-encoder pass over the union of the windows."""
+    def compute_features(self, windows: list[np.ndarray], indices: list[int]) -> list[np.ndarray]:
+        """Features of speech frames, in frame order, at most ``feature_batch`` per call.
+
+        Args:
+            windows: each frame's context window (float32, lookbehind + 640 +
+                lookahead samples); consecutive frames' windows are 640 samples apart.
+            indices: each frame's index in its utterance (silent frames in between
+                are left out, so runs can have gaps).
+        Override to batch the work, e.g. one audio-encoder pass per run of
+        consecutive frames (``museasr.MuseASR``).
+        """
         return [self.features(w) for w in windows]
 
     def _emit(self, flush: bool) -> None:
@@ -338,7 +346,7 @@ class BaseASR(threading.Thread):
                 if unit.speech:
                     speech_windows.append((unit, window))
             if speech_windows:
-                features = self.compute_features([w for _, w in speech_windows])
+                features = self.compute_features([w for _, w in speech_windows], [u.index for u, _ in speech_windows])
                 for (unit, _), f in zip(speech_windows, features):
                     unit.features = f
             now = time.monotonic()

@@ -54,9 +54,11 @@ class LipSyncModel(abc.ABC):
     lookbehind_chunks: int = 0
     lookahead_chunks: int = 0
 
-    @abc.abstractmethod
     def features(self, window: np.ndarray) -> np.ndarray:
-        """Audio features of one frame from its float32 16 kHz context window."""
+        """Audio features of one frame from its float32 16 kHz context window
+        (used by the default :meth:`make_asr`; models that build their own ASR
+        thread need not implement it)."""
+        raise NotImplementedError(f"{type(self).__name__} computes features in its own ASR thread (make_asr)")
 
     @abc.abstractmethod
     def infer(self, features: np.ndarray, loop_indices: Sequence[int]) -> list[Any]:

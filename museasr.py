@@ -36,11 +36,9 @@ def muse_context_chunks(extractor: StreamingFeatureExtractor) -> tuple[int, int]
 class MuseASR(BaseASR):
     """BaseASR whose speech frames get MuseTalk (50, d) float32 Whisper windows.
 
-    Frame indices: BaseASR passes the windows of a group's speech frames only
-    (silent frames of the group are skipped), each a slice of its utterance buffer
-    starting ``640 * i`` samples after the group's first frame (``BaseASR._emit``).
-    MuseASR reads ``i`` from the slice's offset in that buffer, so the frames'
-    utterance indices stay exact across silent gaps.
+    BaseASR passes the speech frames of a group with their utterance indices
+    (silent frames are left out); each run of consecutive frames is one encoder
+    pass, positioned by the run's first index.
 
     Args:
         extractor: the (shareable) streaming extractor; its lookbehind/lookahead
@@ -70,7 +68,7 @@ class MuseASR(BaseASR):
             raise ValueError("the extractor's context must be whole 20 ms chunks")
         self.extractor = extractor
         super().__init__(
-            features=self.frame_features,
+            features=None,
             lookbehind_chunks=lookbehind,
             lookahead_chunks=lookahead,
             out_queue=out_queue,
@@ -87,46 +85,19 @@ class MuseASR(BaseASR):
         super()._reset_utterance(epoch)
         self._stream = StreamState()
 
-    def frame_features(self, window: np.ndarray) -> np.ndarray:
-        """(50, d) float32 window of one frame (a window BaseASR cut from its buffer)."""
-        return self.compute_features([window])[0]
-
-    def _frame_index(self, window: np.ndarray) -> int:
-        """Utterance index of the frame whose context window ``window`` is (a slice of
-        the current buffer, see the class docstring).
-
-        Raises:
-            ValueError: ``window`` is not such a slice.
-        """
-        buf = self._buf
-        offset = window.__array_interface__["data"][0] - buf.__array_interface__["data"][0]
-        samples, rest = divmod(offset, buf.itemsize)
-        if (
-            not np.shares_memory(window, buf)
-            or window.dtype != buf.dtype
-            or rest
-            or samples % FRAME_SAMPLES
-            or samples + window.size > buf.size
-        ):
-            raise ValueError("MuseASR needs the context windows BaseASR cuts from its buffer")
-        return self._frame + samples // FRAME_SAMPLES
-
-    def compute_features(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """Features of the speech frames of one group: one encoder pass per run of
-        consecutive frames, over the union of the run's windows (the first window,
-        then the last 640 samples of each later one).
+    def compute_features(self, windows: list[np.ndarray], indices: list[int]) -> list[np.ndarray]:
+        """Features of speech frames: one encoder pass per run of consecutive frames,
+        over the union of the run's windows (the first window, then the last 640
+        samples of each later one).
 
         Args:
             windows: context windows (float32, ``lookbehind + 640 + lookahead``
-                samples) of frames of the current group, in frame order.
+                samples), in frame order.
+            indices: the frames' utterance indices (the Whisper positions).
 
         Returns:
             one float32 (50, d) array per window.
-
-        Raises:
-            ValueError: a window that is not a slice of BaseASR's buffer.
         """
-        indices = [self._frame_index(w) for w in windows]
         out: list[np.ndarray] = []
         run_start = 0
         for i in range(1, len(windows) + 1):

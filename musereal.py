@@ -39,10 +39,6 @@ class MuseTalkModel(LipSyncModel):
     def make_asr(self, **kwargs: Any) -> MuseASR:
         return MuseASR(self.extractor, **kwargs)
 
-    def features(self, window: np.ndarray) -> np.ndarray:
-        """(50, d) Whisper window of one frame from its context window (unbatched path)."""
-        return self.extractor.windows(window, 1, 0)[0]
-
     def infer(self, features: np.ndarray, loop_indices: Sequence[int]) -> list:
         faces = self.engine.render(features, loop_indices)
         return [self.engine.avatar.paste(i, face) for i, face in zip(loop_indices, faces)]

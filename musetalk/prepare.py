@@ -42,7 +42,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile

@@ -3,14 +3,12 @@
 import asyncio
 import io
 import json
-import time
 
 import aiohttp
-import numpy as np
 import soundfile as sf
 
 from client import AvatarClient, ServerProcess
-from conftest import server, tone  # noqa: F401  (fixture)
+from conftest import tone
 
 
 def wav_bytes(pcm, sr=16000):

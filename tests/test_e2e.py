@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from client import AvatarClient, av_offset, mouth_box, mouth_motion
-from conftest import SPEECH_RMS, loud_since, not_, frame_rms, server, speech_input, wait_until  # noqa: F401
+from conftest import SPEECH_RMS, frame_rms, loud_since, not_, speech_input, wait_until
 
 
 def test_speech_streams_with_moving_mouth_in_sync(server):

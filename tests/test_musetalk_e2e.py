@@ -75,7 +75,6 @@ def test_musetalk_pipeline_pastes_faces_inside_the_crop_box(musetalk_server):
 def test_musetalk_model_patches_stay_in_the_crop_box(tmp_path):
     """In process, no codec: every generated pixel lands inside the crop box."""
     import threading
-    from types import SimpleNamespace
 
     from avatar import ensure_default_avatar
     from baseasr import AudioInbox, AudioSegment, StageQueue
