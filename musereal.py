@@ -63,7 +63,7 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
     from musetalk.prepare import prepare_musetalk
 
     models = load_models(args.models_dir, version=args.musetalk_version)
-    if models.device == "cpu" or (isinstance(models.device, torch.device) and models.device.type == "cpu"):
+    if torch.device(models.device).type == "cpu":
         log.warning("MuseTalk runs on the CPU: far below real time with the released weights")
     parsing = None
     if args.parsing != "landmarks":

@@ -2,6 +2,8 @@
 server, the same loaders and the same session pipeline users run, on the CPU."""
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from avatar import load_avatar
 from client import VIDEO_SCALE, AvatarClient, ServerProcess
 from musetalk_tiny import write_tiny_models
-from conftest import SPEECH_RMS, not_, frame_rms, speech_input, wait_until
+from conftest import ROOT, SPEECH_RMS, not_, frame_rms, speech_input, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +113,19 @@ def test_musetalk_model_patches_stay_in_the_crop_box(tmp_path):
         assert xs.min() >= x1 and xs.max() < x2 and ys.min() >= y1 and ys.max() < y2
         fy1, fy2 = mav.face_boxes[0][1], mav.face_boxes[0][3]
         assert ys.min() >= (fy1 + fy2) // 2 - 1  # only the lower half of the face is redrawn
+
+
+def test_missing_weights_stop_the_server_with_every_expected_path(tmp_path):
+    models = tmp_path / "models"
+    write_tiny_models(models, version="v15")
+    (models / "musetalkV15" / "unet.pth").unlink()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--model", "musetalk", "--models_dir", str(models),
+         "--avatars_dir", str(tmp_path / "avatars"), "--port", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "unet.pth" in err and "[missing]" in err and "download_weights.sh" in err, err[-2000:]
+    for expected in ("musetalk.json", "sd-vae", "tiny.pt"):
+        assert expected in err, expected
