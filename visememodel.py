@@ -30,7 +30,7 @@ from clock import CHUNK_MS, CHUNK_SAMPLES, FRAME_MS, FRAME_SAMPLES, SAMPLE_RATE
 
 __all__ = [
     "SAMPLE_RATE", "CHUNK_SAMPLES", "FRAME_SAMPLES", "FEATURE_NAMES", "N_FEATURES",
-    "audio_features", "mouth_shape", "MouthSmoother", "render_mouth", "VisemeWarpModel",
+    "audio_features", "mouth_shape", "LevelReference", "MouthSmoother", "render_mouth", "VisemeWarpModel",
 ]
 
 # ---------------------------------------------------------------------------
@@ -163,6 +163,69 @@ VOICED_FRAC = (0.3, 0.7)
 WIDTH_FULL_OPENNESS = 0.3
 
 
+# Automatic level adaptation (per session, ``LevelReference``). The fixed curve above
+# assumes one recording level; speech recorded near full scale sits mostly in its top
+# 15 dB and keeps the mouth wide open (median openness ~0.8 on the demo media), so
+# syllables barely contrast. With a reference level ``ref_dbfs`` (a running estimate
+# of the loud parts of the current speech) the level is mapped relative to it instead:
+# openness = x ** REL_GAMMA, x = (level - lo) / (ref - lo), lo = max(ref - REL_RANGE_DB,
+# FLOOR_DBFS). A syllable's peak (at the reference) opens 1, a frame 1.5 / 3 / 6 / 10 dB
+# below it 0.81 / 0.64 / 0.36 / 0.11, and the absolute floor still closes the mouth
+# (exactly 0 at or below FLOOR_DBFS, whatever the reference). The demo media are
+# strongly compressed (half the voiced 40 ms frames within 3 dB of the running peak),
+# hence the short range and the steep top.
+REL_RANGE_DB = 15.0  # dB below the reference where openness reaches 0: a syllable's
+#                      nucleus vs its consonants / offglides spans ~10-20 dB
+REL_GAMMA = 2.0  # > 1: steep near the reference (contrast among the loud frames), zero
+#                  slope at the bottom (quiet consonants barely move the jaw)
+# The reference: a peak follower in dB, stepped once per 40 ms frame. Attack is
+# instant (a louder frame raises it at once, so the loudest frame of a syllable opens
+# the mouth fully); release is a one-pole decay toward the frame's level with a
+# REF_DECAY_MS time constant, long against a syllable (~200-300 ms) so a syllable's
+# quiet part is measured against its own nucleus, short enough to follow a speaker or
+# a recording level change within a sentence or two.
+REF_INIT_DBFS = -20.0  # start of a session / after reset(): the 40 ms RMS of normally
+#                        recorded speech's loud vowels (the demo media: -16 / -13 dBFS at
+#                        the 90th percentile), so the first syllable already looks right
+REF_DECAY_MS = 1500.0
+# Only frames that look like voiced speech move the reference: level above REF_GATE_DB
+# below the reference (and above the floor), and at least REF_VOICED_FRAC of the
+# spectral energy below 1 kHz (fricatives / breath noise don't pull it down or up).
+REF_GATE_DB = 24.0
+REF_VOICED_FRAC = 0.5
+# Range of the reference: below REF_MIN_DBFS (a very quiet talker / recording) the
+# mapping keeps at least a 15 dB span above the floor, so background noise a little
+# above -50 dBFS never opens the mouth wide; above REF_MAX_DBFS nothing is speech.
+REF_MIN_DBFS = FLOOR_DBFS + 15.0
+REF_MAX_DBFS = -3.0
+
+
+class LevelReference:
+    """Per-session running reference level (dBFS) of the loud parts of the speech.
+
+    ``update(features)`` steps it once per video frame with that frame's
+    ``audio_features`` and returns the new reference, to pass to ``mouth_shape``.
+    Instant attack, REF_DECAY_MS release toward the frame level, voiced frames only.
+    """
+
+    def __init__(self, init_dbfs: float = REF_INIT_DBFS, decay_ms: float = REF_DECAY_MS):
+        self.init = float(np.clip(init_dbfs, REF_MIN_DBFS, REF_MAX_DBFS))
+        self.decay = _alpha(decay_ms)
+        self.ref_dbfs = self.init
+
+    def reset(self) -> None:
+        self.ref_dbfs = self.init
+
+    def update(self, features: np.ndarray) -> float:
+        """Step with one frame's features (8,); returns the reference level (dBFS)."""
+        level = float(features[0])
+        if (level > FLOOR_DBFS and level > self.ref_dbfs - REF_GATE_DB
+                and float(features[1]) + float(features[2]) >= REF_VOICED_FRAC):
+            ref = level if level > self.ref_dbfs else self.ref_dbfs + self.decay * (level - self.ref_dbfs)
+            self.ref_dbfs = min(max(ref, REF_MIN_DBFS), REF_MAX_DBFS)
+        return self.ref_dbfs
+
+
 def _smoothstep(x):
     """Hermite 0..1 ramp 3x^2 - 2x^3 of x clipped to [0, 1] (float or ndarray)."""
     x = np.clip(x, 0.0, 1.0)
@@ -173,20 +236,28 @@ def _ramp(x: float, lo_hi: tuple[float, float]) -> float:
     return float(_smoothstep((x - lo_hi[0]) / (lo_hi[1] - lo_hi[0])))
 
 
-def mouth_shape(features: np.ndarray) -> tuple[float, float]:
+def mouth_shape(features: np.ndarray, ref_dbfs: float | None = None) -> tuple[float, float]:
     """Target (openness, width) of one frame from its ``audio_features`` (8,) vector.
 
     openness: [0, 1], 0 = lips closed (exactly 0 at or below FLOOR_DBFS), 1 = jaw
     fully dropped. width: [-1, 1], + = spread lips (front vowels /i/ /e/: high F2),
     - = rounded (/u/ /o/: F1 and F2 both low, energy concentrated below 1 kHz),
-    scaled down when openness is small. Stateless; see ``MouthSmoother``.
+    scaled down when openness is small. ref_dbfs: the session's reference level
+    (``LevelReference``); openness then follows the level relative to it (REL_RANGE_DB,
+    REL_GAMMA), still exactly 0 at or below FLOOR_DBFS. None: the fixed absolute curve
+    (FLOOR_DBFS .. FULL_DBFS, OPEN_GAMMA). Stateless; see ``MouthSmoother``.
     """
     level, low, mid = float(features[0]), float(features[1]), float(features[2])
     centroid, f1, f2 = float(features[5]), float(features[6]), float(features[7])
-    x = (level - FLOOR_DBFS) / (FULL_DBFS - FLOOR_DBFS)
-    if x <= 0.0:
+    if ref_dbfs is None:
+        lo, hi, gamma = FLOOR_DBFS, FULL_DBFS, OPEN_GAMMA
+    else:
+        hi = max(float(ref_dbfs), REF_MIN_DBFS)
+        lo, gamma = max(hi - REL_RANGE_DB, FLOOR_DBFS), REL_GAMMA
+    x = (level - lo) / (hi - lo)
+    if x <= 0.0 or level <= FLOOR_DBFS:
         return 0.0, 0.0
-    openness = min(x, 1.0) ** OPEN_GAMMA * (1.0 - FRICATIVE_CLOSE * _ramp(centroid, FRICATIVE_KHZ))
+    openness = min(x, 1.0) ** gamma * (1.0 - FRICATIVE_CLOSE * _ramp(centroid, FRICATIVE_KHZ))
     width = float(np.tanh(SPREAD_SLOPE * np.log2(f2 / NEUTRAL_F2_KHZ))) if f2 > 0.0 else 0.0
     if width < 0:
         width *= 1.0 - _ramp(f1, ROUND_F1_KHZ)
@@ -553,17 +624,21 @@ class VisemeWarpModel(LipSyncModel):
     context after / before the frame (rounded down to 20 ms chunks); the lookahead
     is the model's algorithmic latency and lets the jaw start opening just before a
     sound. attack_ms / release_ms / width_ms: smoothing (``MouthSmoother``).
+    adapt_level: map the level relative to a running per-session reference
+    (``LevelReference``, kept across ``reset()``) instead of the fixed absolute curve.
     ``mouth_state``: the last smoothed (openness, width).
     """
 
     name = "viseme"
 
     def __init__(self, avatar: Avatar, lookahead_ms: int = 20, lookbehind_ms: int = 40,
-                 attack_ms: float = ATTACK_MS, release_ms: float = RELEASE_MS, width_ms: float = WIDTH_MS):
+                 attack_ms: float = ATTACK_MS, release_ms: float = RELEASE_MS, width_ms: float = WIDTH_MS,
+                 adapt_level: bool = True):
         self.avatar = avatar
         self.lookahead_chunks = max(0, lookahead_ms // CHUNK_MS)
         self.lookbehind_chunks = max(0, lookbehind_ms // CHUNK_MS)
         self.smoother = MouthSmoother(attack_ms, release_ms, width_ms)
+        self.level_ref = LevelReference() if adapt_level else None
 
     @property
     def mouth_state(self) -> tuple[float, float]:
@@ -580,9 +655,18 @@ class VisemeWarpModel(LipSyncModel):
         (None: idle mouth, or no face in that avatar frame)."""
         out = []
         for f, i in zip(np.asarray(features, np.float32).reshape(len(loop_indices), -1), loop_indices):
-            openness, width = self.smoother.step(*mouth_shape(f))
+            openness, width = self.step(f)
             out.append(render_mouth(self.avatar, i, openness, width))
         return out
 
+    def step(self, features: np.ndarray) -> tuple[float, float]:
+        """Advance the level reference and the smoothing by one frame (features (8,));
+        returns the smoothed (openness, width). No rendering."""
+        ref = None if self.level_ref is None else self.level_ref.update(features)
+        return self.smoother.step(*mouth_shape(features, ref))
+
     def reset(self) -> None:
+        """Close the mouth (smoothing state). The level reference is the speaker's and
+        persists across the session's pauses and interrupts (the worker resets after
+        every silence)."""
         self.smoother.reset()

@@ -45,8 +45,9 @@ def frame_windows(model: VisemeWarpModel, signal: np.ndarray) -> np.ndarray:
 
 
 def openness_track(model: VisemeWarpModel, signal: np.ndarray) -> np.ndarray:
-    """Smoothed (openness, width) per frame, (n_frames, 2), without rendering."""
-    return np.array([model.smoother.step(*mouth_shape(f)) for f in frame_windows(model, signal)])
+    """Smoothed (openness, width) per frame, (n_frames, 2), without rendering (the
+    model's level reference adapts as in ``infer``)."""
+    return np.array([model.step(f) for f in frame_windows(model, signal)])
 
 
 def mouth_region(avatar, pad_below: float = 0.45) -> tuple[slice, slice]:
@@ -97,13 +98,71 @@ def test_silence_gives_idle_frames(avatar):
 
 
 def test_louder_opens_more(avatar):
-    model = VisemeWarpModel(avatar)
+    # The fixed absolute curve (adapt_level=False, or mouth_shape without a reference):
+    # settled openness ranks absolute levels. With level adaptation a steady tone
+    # becomes its own reference and settles fully open at any level above ~-35 dBFS
+    # (that is the point of the adaptation), so the adaptive ranking is checked
+    # against a given reference in test_level_relative_to_reference.
+    model = VisemeWarpModel(avatar, adapt_level=False)
     settled = []
     for dbfs in (-40, -30, -20, -10):
         model.reset()
         settled.append(openness_track(model, tone([300, 1000], dbfs, 0.4))[-1, 0])
     assert all(a < b for a, b in zip(settled, settled[1:])), settled
     assert 0 < settled[0] < 0.2 and settled[-1] == pytest.approx(1.0)
+
+
+def test_level_relative_to_reference(avatar):
+    ref = vm.LevelReference()
+    assert ref.ref_dbfs == vm.REF_INIT_DBFS == -20.0
+    levels = np.arange(-48.0, -2.0, 2.0)
+    feats = [audio_features(tone([300, 1000], db, 0.1)[:1600], 640, 320) for db in levels]
+    for r in (-30.0, -20.0, -10.0):
+        o = np.array([mouth_shape(f, r)[0] for f in feats])
+        assert np.all(np.diff(o) >= 0), o  # louder -> more open, for any reference
+        below = levels <= r - vm.REL_RANGE_DB - 0.5
+        assert np.all(o[below] == 0.0) and np.all(o[levels >= r + 0.5] == pytest.approx(1.0, abs=1e-3))
+        mid = np.abs(levels - (r - 6)) < 0.1  # 6 dB under the reference: clearly less open
+        assert 0.2 < o[mid][0] < 0.5, o
+    # Silence and the absolute floor close the mouth whatever the reference.
+    silent = audio_features(np.zeros(1600, np.float32), 640, 320)
+    floor = audio_features(tone([300, 1000], -51, 0.1)[:1600], 640, 320)
+    for r in (-60.0, -35.0, -20.0):
+        assert mouth_shape(silent, r) == (0.0, 0.0) and mouth_shape(floor, r) == (0.0, 0.0)
+    # The reference: instant attack, slow decay, voiced frames only; it is the
+    # speaker's, so the worker's reset() after each pause keeps it.
+    model = VisemeWarpModel(avatar)
+    openness_track(model, tone([300, 1000], -10, 0.2))
+    assert model.level_ref.ref_dbfs == pytest.approx(-10, abs=0.5)
+    openness_track(model, tone([300, 1000], -25, 0.4))  # 10 frames: ~1/4 of the way down
+    assert -14 < model.level_ref.ref_dbfs < -11
+    openness_track(model, tone([4500, 6000], -25, 0.4))  # unvoiced (frication): held
+    assert -14 < model.level_ref.ref_dbfs < -11
+    openness_track(model, np.zeros(SAMPLE_RATE, np.float32))  # silence: held
+    assert -14 < model.level_ref.ref_dbfs < -11
+    model.reset()
+    assert -14 < model.level_ref.ref_dbfs < -11 and model.mouth_state == (0.0, 0.0)
+    model.level_ref.reset()
+    assert model.level_ref.ref_dbfs == -20.0
+
+
+def test_level_adaptation_contrasts_syllables(avatar):
+    """Syllable-like bursts, loud (-12 dBFS, 200 ms) and quiet (-30 dBFS, 100 ms),
+    no silence: relative to the adapted reference the quiet parts close clearly more;
+    on the fixed absolute curve the mouth stays nearly wide open throughout."""
+    burst = np.concatenate([tone([200, 800], -12, 0.2), tone([200, 800], -30, 0.1)])
+    signal = np.tile(burst, 10)
+    phase = (np.arange(signal.size // FRAME_SAMPLES) * 40) % 300  # frame start (ms) in its burst
+    loud = (phase >= 40) & (phase <= 160)  # frames wholly inside the loud part, past its onset
+    quiet = (phase >= 200) & (phase <= 260)  # frames wholly inside the quiet part
+    contrast = {}
+    for adapt in (True, False):
+        o = openness_track(VisemeWarpModel(avatar, adapt_level=adapt), signal)[:, 0]
+        contrast[adapt] = (o[loud].mean(), o[quiet].mean())
+    (loud_a, quiet_a), (loud_f, quiet_f) = contrast[True], contrast[False]
+    assert loud_a > 0.9 and loud_a - quiet_a > 0.3, contrast
+    assert loud_a - quiet_a > (loud_f - quiet_f) + 0.1, contrast  # more contrast than the fixed curve
+    assert quiet_f > 0.6, contrast  # the old curve: quiet parts still mostly open
 
 
 def test_attack_faster_than_release(avatar):
