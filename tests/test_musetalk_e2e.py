@@ -129,3 +129,46 @@ def test_missing_weights_stop_the_server_with_every_expected_path(tmp_path):
     assert "unet.pth" in err and "[missing]" in err and "download_weights.sh" in err, err[-2000:]
     for expected in ("musetalk.json", "sd-vae", "tiny.pt"):
         assert expected in err, expected
+
+
+def test_engine_merges_concurrent_sessions_into_one_batch(tmp_path):
+    """Continuous batching: requests from sessions due at the same time share one
+    forward pass, and each session gets exactly its own faces back."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from avatar import ensure_default_avatar
+    from config import parse_args
+    from musereal import musetalk_model_factory
+
+    write_tiny_models(tmp_path / "models", version="v15")
+    av = ensure_default_avatar(tmp_path / "avatars")
+    args = parse_args(["--models_dir", str(tmp_path / "models"), "--parsing", "landmarks"])
+    engine = musetalk_model_factory(args, av)().engine
+    rng = np.random.default_rng(0)
+    requests = [(rng.standard_normal((2, 50, 32)).astype(np.float32), [0, 0]) for _ in range(3)]
+    alone = [engine.render(audio, idx) for audio, idx in requests]
+    assert engine.batch_sizes[-3:] == [2, 2, 2]
+    assert not np.array_equal(alone[0], alone[1])  # different audio, different faces
+
+    entered, release = threading.Event(), threading.Event()
+    forward = engine._forward
+
+    def held_forward(audio, idx):  # keep the device busy while other sessions queue up
+        entered.set()
+        release.wait(30)
+        return forward(audio, idx)
+
+    engine._forward = held_forward
+    with ThreadPoolExecutor(3) as sessions:
+        first = sessions.submit(engine.render, *requests[0])
+        assert entered.wait(30)
+        rest = [sessions.submit(engine.render, *r) for r in requests[1:]]
+        while engine._requests.qsize() < 2:
+            threading.Event().wait(0.01)  # test-side polling until both are queued
+        release.set()
+        results = [first.result(60)] + [f.result(60) for f in rest]
+    assert engine.batch_sizes[-2:] == [2, 4]  # the two waiting sessions shared one pass
+    for got, want in zip(results, alone):
+        assert got.shape == want.shape
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
