@@ -32,6 +32,7 @@ import avatar as avatar_mod
 from audio import AudioDecodeError, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
+from clock import SAMPLE_RATE
 from config import parse_args, session_options
 from metrics import Metrics
 from webrtc import AvatarAudioTrack, AvatarVideoTrack, use_loopback_ice
@@ -276,7 +277,7 @@ class AvatarServer:
             raise HTTPError(429, str(e)) from e
         except ValueError as e:
             raise HTTPError(413, str(e)) from e
-        return ok(duration_s=round(len(pcm) / 16000, 3))
+        return ok(duration_s=round(len(pcm) / SAMPLE_RATE, 3))
 
     async def interrupt_talk(self, request: web.Request) -> web.Response:
         session = self.session(await read_json(request))

@@ -15,9 +15,10 @@ import yaml
 
 from basereal import SessionOptions
 
-# Latency presets. Expected latency is "pushed audio -> first speech frame sent"
-# on the embedded default model (measure with bench/latency.py; see docs/benchmarks.md):
-# roughly model lookahead + min_batch inference + prebuffer frames + up to one slot.
+# Latency presets. The figures below are estimates of "pushed audio -> first speech
+# frame sent" on the embedded default model (model lookahead + min_batch inference +
+# prebuffer frames + up to one slot); only `low` is measured (bench/latency.py,
+# docs/benchmarks.md).
 LATENCY_PRESETS: dict[str, dict[str, Any]] = {
     # ~40-80 ms: smallest batches, no jitter buffer; the first CPU hiccup shows as a gap.
     "ultra_low": dict(batch_size=2, min_batch=1, prebuffer=1, drop_threshold_ms=40, l=2, r=1),

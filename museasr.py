@@ -12,12 +12,11 @@ utterance's :class:`~musetalk.audio_features.StreamState` (log-mel peak).
 from __future__ import annotations
 
 import math
-import threading
-from typing import Callable
+from typing import Any
 
 import numpy as np
 
-from baseasr import VAD_HANGOVER_FRAMES, VAD_THRESHOLD_DBFS, AudioInbox, AudioUnit, BaseASR, StageQueue
+from baseasr import BaseASR
 from clock import CHUNK_SAMPLES, FRAME_SAMPLES
 from musetalk.audio_features import StreamingFeatureExtractor, StreamState
 
@@ -43,43 +42,20 @@ class MuseASR(BaseASR):
     Args:
         extractor: the (shareable) streaming extractor; its lookbehind/lookahead
             set the ASR's context.
-        out_queue, inbox, epoch, loop_hint, stop_event, vad_threshold_dbfs,
-            hangover_frames, name: as for :class:`baseasr.BaseASR`.
+        **kwargs: the other :class:`baseasr.BaseASR` arguments (queue, inbox,
+            epoch, loop hint, stop event, VAD settings, name).
 
     Raises:
         ValueError: the extractor's context is not a whole number of 20 ms chunks.
     """
 
-    def __init__(
-        self,
-        extractor: StreamingFeatureExtractor,
-        out_queue: StageQueue[AudioUnit],
-        inbox: AudioInbox,
-        epoch: Callable[[], int],
-        loop_hint: Callable[[], int],
-        stop_event: threading.Event,
-        vad_threshold_dbfs: float = VAD_THRESHOLD_DBFS,
-        hangover_frames: int = VAD_HANGOVER_FRAMES,
-        name: str = "asr",
-    ) -> None:
+    def __init__(self, extractor: StreamingFeatureExtractor, **kwargs: Any) -> None:
         lookbehind, lookahead = muse_context_chunks(extractor)
         context = (extractor.lookbehind_samples, extractor.lookahead_samples)
         if (lookbehind * CHUNK_SAMPLES, lookahead * CHUNK_SAMPLES) != context:
             raise ValueError("the extractor's context must be whole 20 ms chunks")
         self.extractor = extractor
-        super().__init__(
-            features=None,
-            lookbehind_chunks=lookbehind,
-            lookahead_chunks=lookahead,
-            out_queue=out_queue,
-            inbox=inbox,
-            epoch=epoch,
-            loop_hint=loop_hint,
-            stop_event=stop_event,
-            vad_threshold_dbfs=vad_threshold_dbfs,
-            hangover_frames=hangover_frames,
-            name=name,
-        )
+        super().__init__(features=None, lookbehind_chunks=lookbehind, lookahead_chunks=lookahead, **kwargs)
 
     def _reset_utterance(self, epoch: int) -> None:
         super()._reset_utterance(epoch)

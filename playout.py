@@ -101,8 +101,6 @@ class PlayoutBuffer:
         self._closed = False
         self.loop_pos = 0  # loop index of the next idle frame
         self.epoch = 0
-        self.units_played = 0
-        self.idle_slots = 0
         self.underruns = 0  # idle slots inserted inside a segment (producer late)
 
     # -- producer side (compositing thread) --------------------------------------
@@ -165,18 +163,17 @@ class PlayoutBuffer:
             self._decide(self._next_slot)
         unit = self._decided.get(slot)
         if unit is None:  # asked far too late: history pruned
-            index = self.loop_pos
-            unit = self._idle_unit(index)
+            unit = self._idle_unit(self.loop_pos)
         return unit
 
     def _decide(self, slot: int) -> None:
         with self._cond:
             unit = None
-            if self._queue:
-                ready = len(self._queue) >= self.prebuffer or any(u.final for u in self._queue)
-                if self._playing or ready:
-                    unit = self._queue.popleft()
-                    self._cond.notify_all()
+            if self._queue and (
+                self._playing or len(self._queue) >= self.prebuffer or any(u.final for u in self._queue)
+            ):
+                unit = self._queue.popleft()
+                self._cond.notify_all()
             if unit is None:
                 if self._playing:
                     self.underruns += 1
@@ -184,11 +181,9 @@ class PlayoutBuffer:
                         self._on_underrun()
                 self._playing = False
                 unit = self._make_idle()
-                self.idle_slots += 1
             else:
                 self._playing = not unit.final
                 self.loop_pos = (unit.loop_index + 1) % self._loop_length
-                self.units_played += 1
         self._decided[slot] = unit
         self._next_slot = slot + 1
         while len(self._decided) > self._history:
