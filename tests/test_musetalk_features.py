@@ -212,7 +212,7 @@ def test_muse_asr_pipeline_matches_the_extractor(encoder):
     out: StageQueue = StageQueue(1000)
     inbox = AudioInbox(60)
     stop = threading.Event()
-    asr = MuseASR(ex, out, inbox, epoch=lambda: 0, loop_hint=lambda: 0, stop_event=stop)
+    asr = MuseASR(ex, out_queue=out, inbox=inbox, epoch=lambda: 0, loop_hint=lambda: 0, stop_event=stop)
     asr.start()
     inbox.put(AudioSegment(pcm, epoch=0, end_of_utterance=True))
     units = []
