@@ -86,8 +86,7 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
         # measured minimum (bench/musetalk_feature_drift.py)
         left_context_ms=max(args.l * 20, DEFAULT_LEFT_CONTEXT_MS),
         right_context_ms=max(args.r * 20, DEFAULT_RIGHT_CONTEXT_MS),
-        device=models.device,
-        dtype=models.dtype,
+        device=models.device,  # in the encoder's float32 (see MuseTalkModels)
     )
     engine = MuseTalkEngine(models, mavatar)
     log.info("MuseTalk %s ready on %s (%s)", models.version, models.device, models.dtype)

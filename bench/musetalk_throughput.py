@@ -27,34 +27,18 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from musetalk.checkpoints import unet_config, vae_config  # noqa: E402
 from musetalk.inference import VAE_SCALE, ConstantTimeEmbedding  # noqa: E402
 
-# The released musetalk.json (v1.0 and v1.5 share it); see shared/docs/musetalk-facts.md.
-UNET_CONFIG = dict(
-    sample_size=64, in_channels=8, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=384, attention_head_dim=8, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
-    flip_sin_to_cos=True, freq_shift=0,
-)
-# stabilityai/sd-vae-ft-mse config.json.
-VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=256,
-    block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-)
-TINY_UNET = dict(UNET_CONFIG, block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                 cross_attention_dim=32)
-TINY_VAE = dict(VAE_CONFIG, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(args):
-    unet_cfg, vae_cfg = (TINY_UNET, TINY_VAE) if args.tiny else (UNET_CONFIG, VAE_CONFIG)
+    size = "tiny" if args.tiny else "full"  # full: the released musetalk.json and sd-vae-ft-mse configs
+    unet_cfg, vae_cfg = unet_config(size), vae_config(size)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**unet_cfg).eval().requires_grad_(False)
-    vae = AutoencoderKL(**vae_cfg).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_config(unet_cfg).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_config(vae_cfg).eval().requires_grad_(False)
     dtype, device = DTYPES[args.dtype], torch.device(args.device)
     unet.to(device, dtype)
     vae.to(device, dtype)

@@ -606,12 +606,15 @@ class AudioPositionalEncoding(nn.Module):
 
 @dataclass
 class MuseTalkModels:
-    """Everything MuseTalk inference needs, on one device in one dtype.
+    """Everything MuseTalk inference needs, on one device.
 
     Attributes:
-        unet: diffusers UNet2DConditionModel (see :func:`load_unet`).
-        vae: diffusers AutoencoderKL (see :func:`load_vae`).
-        whisper: whisper.model.AudioEncoder (see :func:`load_whisper_encoder`).
+        unet: diffusers UNet2DConditionModel (see :func:`load_unet`), in ``dtype``.
+        vae: diffusers AutoencoderKL (see :func:`load_vae`), in ``dtype``.
+        whisper: whisper.model.AudioEncoder (see :func:`load_whisper_encoder`),
+            always float32: openai-whisper's LayerNorm computes in float32 with its
+            own weights, so a half-precision encoder fails, and Whisper-tiny's ~8M
+            parameters on a short streaming span cost little in float32.
         pe: AudioPositionalEncoding of the UNet's cross-attention width.
         version: "v15" or "v1".
         device: torch.device of all modules.
@@ -645,7 +648,9 @@ def load_models(
         models_dir: the ``models/`` folder (see the module docstring for its layout).
         version: "v15"/"v1.5" or "v1"/"v10"/"v1.0".
         device: default "cuda" when available, else "cpu".
-        dtype: default float16 on CUDA, float32 otherwise.
+        dtype: of the UNet, the VAE and the positional encoding; default float16
+            on CUDA, float32 otherwise. The Whisper encoder is float32 whatever it is
+            (see :class:`MuseTalkModels`).
     Raises:
         ValueError: unknown version.
         MissingWeightsError: missing or unreadable files, or a Whisper width that
@@ -658,7 +663,7 @@ def load_models(
     start = time.perf_counter()
     unet = load_unet(paths, device, dtype)
     vae = load_vae(paths, device, dtype)
-    whisper = load_whisper_encoder(paths, device, dtype)
+    whisper = load_whisper_encoder(paths, device, torch.float32)
     width = unet.config.cross_attention_dim
     if whisper.ln_post.normalized_shape[0] != width:
         raise _weights_error(

@@ -10,14 +10,14 @@ import pytest
 
 from avatar import load_avatar
 from client import VIDEO_SCALE, AvatarClient, ServerProcess
-from musetalk_tiny import write_tiny_models
+from musetalk.checkpoints import write_models
 from conftest import ROOT, SPEECH_RMS, not_, frame_rms, speech_input, wait_until
 
 
 @pytest.fixture(scope="module")
 def musetalk_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("muse")
-    write_tiny_models(tmp / "models", version="v15")
+    write_models(tmp / "models", version="v15")
     srv = ServerProcess(tmp, "--model", "musetalk", "--models_dir", str(tmp / "models"),
                         "--latency_mode", "balanced", "--parsing", "landmarks")
     srv.workdir = tmp
@@ -84,7 +84,7 @@ def test_musetalk_model_patches_stay_in_the_crop_box(tmp_path):
     from musereal import musetalk_model_factory
     from conftest import tone
 
-    write_tiny_models(tmp_path / "models", version="v15")
+    write_models(tmp_path / "models", version="v15")
     av = ensure_default_avatar(tmp_path / "avatars")
     args = parse_args(["--models_dir", str(tmp_path / "models"), "--parsing", "landmarks"])
     model = musetalk_model_factory(args, av)()
@@ -117,7 +117,7 @@ def test_musetalk_model_patches_stay_in_the_crop_box(tmp_path):
 
 def test_missing_weights_stop_the_server_with_every_expected_path(tmp_path):
     models = tmp_path / "models"
-    write_tiny_models(models, version="v15")
+    write_models(models, version="v15")
     (models / "musetalkV15" / "unet.pth").unlink()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "app.py"), "--model", "musetalk", "--models_dir", str(models),
@@ -141,7 +141,7 @@ def test_engine_merges_concurrent_sessions_into_one_batch(tmp_path):
     from config import parse_args
     from musereal import musetalk_model_factory
 
-    write_tiny_models(tmp_path / "models", version="v15")
+    write_models(tmp_path / "models", version="v15")
     av = ensure_default_avatar(tmp_path / "avatars")
     args = parse_args(["--models_dir", str(tmp_path / "models"), "--parsing", "landmarks"])
     engine = musetalk_model_factory(args, av)().engine

@@ -10,18 +10,19 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from musetalk import models as M  # noqa: E402
-from musetalk_tiny import (  # noqa: E402
-    write_tiny_models,
-    write_tiny_musetalk,
-    write_tiny_vae,
-    write_tiny_whisper,
-    write_tiny_whisper_hf,
+from musetalk.checkpoints import (  # noqa: E402
+    write_models,
+    write_unet,
+    write_vae,
+    write_whisper,
+    write_whisper_hf,
 )
 
 AUDIO_DIM = 32  # tiny Whisper width = tiny UNet cross_attention_dim
@@ -31,8 +32,8 @@ AUDIO_DIM = 32  # tiny Whisper width = tiny UNet cross_attention_dim
 def tiny_dir(tmp_path_factory) -> Path:
     """A complete tiny models/ folder (v1.5 and v1.0 UNets, sd-vae, whisper/tiny.pt); read-only."""
     root = tmp_path_factory.mktemp("models")
-    write_tiny_models(root, "v15", audio_dim=AUDIO_DIM)
-    write_tiny_musetalk(root, "v1", audio_dim=AUDIO_DIM)
+    write_models(root, "v15", audio_dim=AUDIO_DIM)
+    write_unet(root, "v1", audio_dim=AUDIO_DIM)
     return root
 
 
@@ -80,6 +81,27 @@ def test_unet_loads_released_files_and_runs(tiny_dir, version):
     with torch.no_grad():
         out = unet(torch.randn(2, 8, 32, 32), 0, encoder_hidden_states=torch.randn(2, 50, AUDIO_DIM)).sample
     assert out.shape == (2, 4, 32, 32) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_released_configs_build_the_documented_architecture():
+    """The released musetalk.json and sd-vae-ft-mse config, as the installed diffusers
+    reads them, give MuseTalk's ~850M-parameter UNet (8 -> 4 channels, 384-wide
+    cross-attention) and the ~84M-parameter SD VAE (built on the meta device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from musetalk.checkpoints import RELEASED_UNET_CONFIG, RELEASED_VAE_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(RELEASED_UNET_CONFIG)
+        vae = AutoencoderKL.from_config(RELEASED_VAE_CONFIG)
+    assert 845e6 < sum(p.numel() for p in unet.parameters()) < 855e6
+    assert 83e6 < sum(p.numel() for p in vae.parameters()) < 85e6
+    assert unet.conv_in.in_channels == M.UNET_IN_CHANNELS and unet.conv_out.out_channels == M.UNET_OUT_CHANNELS
+    assert unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.in_features == 384
+    latents = torch.empty(2, 8, 32, 32, device="meta")
+    out = unet(latents, 0, encoder_hidden_states=torch.empty(2, 50, 384, device="meta")).sample
+    assert tuple(out.shape) == (2, 4, 32, 32)
+    assert tuple(vae.decode(out).sample.shape) == (2, 3, 256, 256)
 
 
 def test_unet_state_dict_with_wrong_key_names_it(models_dir):
@@ -161,7 +183,7 @@ def test_invalid_musetalk_json(models_dir):
 @pytest.mark.parametrize("folder", ["sd-vae", "sd-vae-ft-mse"])
 def test_vae_with_old_attention_keys_loads_and_decodes(tmp_path, tiny_dir, folder):
     models_dir = Path(shutil.copytree(tiny_dir, tmp_path / "models", ignore=shutil.ignore_patterns("sd-vae")))
-    write_tiny_vae(models_dir / folder, old_attention_keys=True)
+    write_vae(models_dir / folder, old_attention_keys=True)
     saved = torch.load(models_dir / folder / "diffusion_pytorch_model.bin", weights_only=True)
     assert "encoder.mid_block.attentions.0.query.weight" in saved
     assert "decoder.mid_block.attentions.0.proj_attn.bias" in saved
@@ -226,7 +248,7 @@ def test_whisper_encoder_from_tiny_pt(tiny_dir):
 def test_whisper_encoder_from_transformers_folder(tmp_path, tiny_dir):
     openai = M.load_whisper_encoder(M.find_weights(tiny_dir))
     models_dir = Path(shutil.copytree(tiny_dir, tmp_path / "models", ignore=shutil.ignore_patterns("whisper")))
-    write_tiny_whisper_hf(models_dir / "whisper", n_state=AUDIO_DIM)
+    write_whisper_hf(models_dir / "whisper", n_state=AUDIO_DIM)
     paths = M.find_weights(models_dir)
     assert paths.whisper_config == models_dir / "whisper" / "config.json"
     assert paths.whisper == models_dir / "whisper" / "pytorch_model.bin"
@@ -361,8 +383,29 @@ def test_load_models_explicit_dtype(tiny_dir):
     assert models.pe(torch.zeros(1, 50, AUDIO_DIM, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_half_precision_models_run_the_whole_frame_path(tiny_dir):
+    """The server's half-precision path (fp16 on CUDA; bf16 stands in on the CPU):
+    streaming Whisper features, PE, UNet and VAE decode all run and stay finite.
+    The Whisper encoder stays float32 (openai-whisper's LayerNorm computes in
+    float32 with its own weights)."""
+    from musetalk.audio_features import StreamingFeatureExtractor
+
+    models = M.load_models(tiny_dir, device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in models.whisper.parameters()} == {torch.float32}
+    extractor = StreamingFeatureExtractor(models.whisper, models.version)
+    rng = np.random.default_rng(0)
+    span = (0.1 * rng.standard_normal(extractor.span_samples(4))).astype(np.float32)
+    windows = extractor.windows(span, 4, 10)
+    assert windows.shape == (4, 50, AUDIO_DIM) and np.isfinite(windows).all()
+    with torch.no_grad():
+        tokens = models.pe(torch.from_numpy(windows).to(models.dtype))
+        latent = models.unet(torch.randn(4, 8, 32, 32, dtype=models.dtype), 0, encoder_hidden_states=tokens).sample
+        image = models.vae.decode(latent / 0.18215).sample
+    assert image.dtype == torch.bfloat16 and torch.isfinite(image.float()).all()
+
+
 def test_load_models_rejects_whisper_of_another_width(models_dir):
-    write_tiny_whisper(models_dir / "whisper" / "tiny.pt", n_state=16, n_head=2)
+    write_whisper(models_dir / "whisper" / "tiny.pt", n_state=16, n_head=2)
     with pytest.raises(M.MissingWeightsError, match="cross_attention_dim 32"):
         M.load_models(models_dir)
 
