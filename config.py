@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models_dir", type=Path, default=Path("models"), help="MuseTalk weights folder")
     p.add_argument("--musetalk_version", default="v15", choices=["v15", "v1"], help="MuseTalk weights version")
+    p.add_argument(
+        "--musetalk_dtype",
+        default="auto",
+        choices=["auto", "fp16", "bf16", "fp32"],
+        help="MuseTalk UNet/VAE precision (auto: fp16 on CUDA, fp32 on CPU; Whisper stays fp32)",
+    )
     p.add_argument("--bbox_shift", type=int, default=0, help="MuseTalk v1.0 face-box centre shift (px)")
     p.add_argument("--extra_margin", type=int, help="MuseTalk v1.5 extra margin below the chin (px; default 10 for v1.5, 0 for v1)")
     p.add_argument(

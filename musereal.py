@@ -48,7 +48,7 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
     """Load MuseTalk for ``avatar`` and return a per-session model factory.
 
     Args:
-        args: server options (``models_dir``, ``musetalk_version``, ``bbox_shift``,
+        args: server options (``models_dir``, ``musetalk_version``, ``musetalk_dtype``, ``bbox_shift``,
             ``extra_margin``, ``parsing``, ``l``, ``r``).
         avatar: the shared ``avatar.Avatar``.
     Raises:
@@ -62,7 +62,8 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
     from musetalk.models import load_models
     from musetalk.prepare import prepare_musetalk
 
-    models = load_models(args.models_dir, version=args.musetalk_version)
+    dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.musetalk_dtype]
+    models = load_models(args.models_dir, version=args.musetalk_version, dtype=dtype)
     if torch.device(models.device).type == "cpu":
         log.warning("MuseTalk runs on the CPU: far below real time with the released weights")
     parsing = None

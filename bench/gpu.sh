@@ -31,17 +31,11 @@ fetch() {
     $PY -m pip wheel -q --no-deps openai-whisper==20250625 -w .whl  # sdist only on PyPI
     $PY - <<'EOF'
 import sys
-from pathlib import Path
 sys.path.insert(0, ".")
 import numpy as np
 import avatar
-sun = Path("../shared/media/sun.wav")
-if sun.exists():
-    from audio import decode_audio
-    pcm = decode_audio(sun.read_bytes(), max_seconds=600)
-else:
-    from tts import make_tts
-    pcm = make_tts("espeak").synthesize("The quick brown fox jumps over the lazy dog. " * 6)
+from bench.musetalk_sessions import load_speech
+pcm = load_speech(None)  # ../shared/media/sun.wav, else espeak
 np.save(".whl/speech16k.npy", pcm.astype(np.float32))
 avatar.ensure_default_avatar("data/avatars")
 print(f"speech {len(pcm) / 16000:.1f} s; avatar ready")

@@ -57,11 +57,13 @@ UNDERRUN_LIMIT_PCT = 1.0
 
 
 def load_speech(path: Path | None) -> np.ndarray:
-    """float32 16 kHz mono speech: a ``.npy`` of it, any audio file, or ../shared/media/sun.wav."""
-    if path is None:
-        path = MEDIA / "sun.wav"
-        if not path.exists():
-            raise SystemExit("no speech: pass --speech FILE (../shared/media/sun.wav is absent)")
+    """float32 16 kHz mono speech: a ``.npy`` of it, any audio file, or by default
+    ../shared/media/sun.wav when present, else espeak reading a pangram."""
+    if path is None and not (MEDIA / "sun.wav").exists():
+        from tts import make_tts
+
+        return make_tts("espeak").synthesize("The quick brown fox jumps over the lazy dog. " * 6)
+    path = path or MEDIA / "sun.wav"
     if path.suffix == ".npy":
         return np.load(path).astype(np.float32).reshape(-1)
     from audio import decode_audio
@@ -203,7 +205,7 @@ def main() -> None:
     ap.add_argument("--sessions", default="1,2,4,8")
     ap.add_argument("--seconds", type=float, default=20.0, help="playout time per session count")
     ap.add_argument("--gap", type=float, default=0.5, help="pause between utterances (s)")
-    ap.add_argument("--speech", type=Path, help=".npy (float32 16 kHz) or audio file; default ../shared sun.wav")
+    ap.add_argument("--speech", type=Path, help=".npy (float32 16 kHz) or audio file (default: ../shared sun.wav, else espeak)")
     ap.add_argument("--speech_seconds", type=float, default=8.0, help="utterance length cut from the clip")
     ap.add_argument("--latency_mode", default="low")
     ap.add_argument("--avatar_id", help="prepared avatar (default: the built-in one)")

@@ -4,7 +4,10 @@ BiSeNet (Yu et al., "BiSeNet: Bilateral Segmentation Network for Real-time
 Semantic Segmentation", ECCV 2018, arXiv 1808.00897) as trained on CelebAMask-HQ
 by the public face-parsing.PyTorch project, whose released checkpoint
 ``79999_iter.pth`` MuseTalk uses. Written here in plain ``torch.nn`` (torchvision
-is not needed) with the module names of that checkpoint, so it loads strictly:
+is not needed) with the module names of that checkpoint, so it loads strictly (names,
+kernel sizes, nearest upsampling in the context path and the final bilinear
+``align_corners=True`` checked against that project's ``model.py``; the released
+file itself has not been loaded here):
 
 - context path ``cp``: a ResNet-18 backbone ``cp.resnet`` (conv1/bn1, max-pool,
   layer1..layer4 of two basic blocks each, strides 4/8/16/32, no fc), attention

@@ -6,6 +6,7 @@ import logging
 import subprocess
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import cv2
@@ -87,8 +88,11 @@ def test_face_parser_loads_released_layout_strictly(tmp_path):
     assert "conv_out32.conv_out.weight" in state and "cp.resnet.layer2.0.downsample.1.weight" in state
     assert not any(k.startswith("sp.") or "fc" in k for k in state)
     path = tmp_path / "79999_iter.pth"
-    # Old checkpoints have no num_batches_tracked counters: those are filled in.
-    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    # The 2019 release predates PyTorch's zip format (1.6) and BatchNorm's
+    # num_batches_tracked counters: legacy format, counters filled in.
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path,
+               _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)
     parser = FP.load_face_parser(path)
     loaded = parser.net.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in state.items())
