@@ -7,7 +7,8 @@ Measures, against the targets of issue #2:
 - ``sync``: A/V offset by cross-correlating mouth motion with the received audio
   envelope over ~60 s of speech, per 10 s window (drift = slope of the offsets);
 - ``interrupt``: ``/interrupt_talk`` sent -> last speech audio received;
-- ``sessions``: how many concurrent sessions hold 25 fps with < 1 % late frames.
+- ``sessions``: how many concurrent sessions hold 25 fps with < 1 % late frames, and
+  the CPU cores the server and the clients (decoding every stream) use meanwhile.
 
 Usage::
 
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -189,7 +191,21 @@ async def _metrics(url: str) -> str:
             return await r.text()
 
 
-async def _run_sessions(url: str, n: int, seconds: float, warmup: float, data: bytes) -> dict:
+def _cpu_seconds(pid: int | None = None) -> float | None:
+    """User + system CPU time (s) of process ``pid`` (None: this process), all threads;
+    None where /proc is unavailable."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (proc(5))
+
+
+async def _run_sessions(url: str, n: int, seconds: float, warmup: float, data: bytes,
+                        server_pid: int | None = None) -> dict:
     clients = [AvatarClient(url, keep_media=False) for _ in range(n)]
     try:
         await asyncio.gather(*(c.connect() for c in clients))
@@ -205,9 +221,11 @@ async def _run_sessions(url: str, n: int, seconds: float, warmup: float, data: b
         await asyncio.gather(*(talk(c, time.monotonic() + warmup) for c in clients))
         startup = _session_counters(await _metrics(url), sids)
         counts0 = [len(c.received.video_t) for c in clients]
+        cpu0 = (_cpu_seconds(server_pid) if server_pid else None, _cpu_seconds())
         t0 = time.monotonic()
         await asyncio.gather(*(talk(c, t0 + seconds) for c in clients))
         elapsed = time.monotonic() - t0
+        cpu1 = (_cpu_seconds(server_pid) if server_pid else None, _cpu_seconds())
         end = _session_counters(await _metrics(url), sids)
         fps = [(len(c.received.video_t) - k) / elapsed for c, k in zip(clients, counts0)]
     finally:
@@ -219,15 +237,20 @@ async def _run_sessions(url: str, n: int, seconds: float, warmup: float, data: b
         "min_fps": round(min(fps), 2),
         "late_or_dropped_pct": round(100.0 * bad / max(steady["sent"] + steady["dropped"], 1), 2),
         "startup_late_or_dropped_frames": int(startup["late"] + startup["dropped"]),
+        # CPU cores busy during the steady state: the server process, and this
+        # process (the aiortc clients receiving and decoding every stream)
+        "server_cores": round((cpu1[0] - cpu0[0]) / elapsed, 2) if cpu0[0] is not None and cpu1[0] is not None else None,
+        "client_cores": round((cpu1[1] - cpu0[1]) / elapsed, 2),
     }
 
 
-async def bench_sessions(url: str, max_n: int, seconds: float, warmup: float = 3.0, min_n: int = 1) -> dict:
+async def bench_sessions(url: str, max_n: int, seconds: float, warmup: float = 3.0, min_n: int = 1,
+                         server_pid: int | None = None) -> dict:
     """Steady state after ``warmup`` s of talking: every session talks all the time."""
     data = wav(speech_clip(4.0))
     rows, best = [], 0
     for n in range(min_n, max_n + 1):
-        row = await _run_sessions(url, n, seconds, warmup, data)
+        row = await _run_sessions(url, n, seconds, warmup, data, server_pid)
         row["ok"] = row["min_fps"] >= 24.5 and row["late_or_dropped_pct"] < 1.0
         rows.append(row)
         if not row["ok"]:
@@ -254,7 +277,7 @@ def main() -> None:
         set_audio_prefetch(args.client_audio_prefetch)
     only = set(args.only.split(","))
     out: dict = {
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": __import__("os").cpu_count()},
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "latency_mode": args.latency_mode,
         "client_audio_prefetch_packets": args.client_audio_prefetch,
         "model": "default",
@@ -271,7 +294,8 @@ def main() -> None:
             if "interrupt" in only:
                 out["interrupt"] = asyncio.run(bench_interrupt(srv.url, max(5, args.trials // 2)))
             if "sessions" in only:
-                out["sessions"] = asyncio.run(bench_sessions(srv.url, args.max_sessions, args.session_seconds, min_n=args.min_sessions))
+                out["sessions"] = asyncio.run(bench_sessions(srv.url, args.max_sessions, args.session_seconds, min_n=args.min_sessions,
+                                                          server_pid=srv.proc.pid))
         finally:
             srv.stop()
     text = json.dumps(out, indent=2)
