@@ -51,6 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "fp16", "bf16", "fp32"],
         help="MuseTalk UNet/VAE precision (auto: fp16 on CUDA, fp32 on CPU; Whisper stays fp32)",
     )
+    p.add_argument(
+        "--musetalk_compile",
+        default="off",
+        choices=["off", "default", "reduce-overhead", "max-autotune"],
+        help="torch.compile the MuseTalk UNet+VAE step at start-up, one static batch size per bucket "
+        "(reduce-overhead/max-autotune: CUDA graphs); off: eager",
+    )
     p.add_argument("--bbox_shift", type=int, default=0, help="MuseTalk v1.0 face-box centre shift (px)")
     p.add_argument("--extra_margin", type=int, help="MuseTalk v1.5 extra margin below the chin (px; default 10 for v1.5, 0 for v1)")
     p.add_argument(

@@ -48,7 +48,8 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
     """Load MuseTalk for ``avatar`` and return a per-session model factory.
 
     Args:
-        args: server options (``models_dir``, ``musetalk_version``, ``musetalk_dtype``, ``bbox_shift``,
+        args: server options (``models_dir``, ``musetalk_version``, ``musetalk_dtype``,
+            ``musetalk_compile``, ``bbox_shift``,
             ``extra_margin``, ``parsing``, ``l``, ``r``).
         avatar: the shared ``avatar.Avatar``.
     Raises:
@@ -89,6 +90,9 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
         right_context_ms=max(args.r * 20, DEFAULT_RIGHT_CONTEXT_MS),
         device=models.device,  # in the encoder's float32 (see MuseTalkModels)
     )
-    engine = MuseTalkEngine(models, mavatar)
+    engine = MuseTalkEngine(models, mavatar, compile_mode=None if args.musetalk_compile == "off" else args.musetalk_compile)
+    if engine.compile_mode:
+        log.info("compiling MuseTalk (%s) for batch sizes %s", engine.compile_mode, engine.buckets)
+        engine.warmup()
     log.info("MuseTalk %s ready on %s (%s)", models.version, models.device, models.dtype)
     return lambda: MuseTalkModel(engine, extractor)

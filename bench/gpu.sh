@@ -16,6 +16,7 @@
 #   compile     bench/musetalk_throughput.py --compile (minutes of autotuning)
 #   fp16        bench/musetalk_fp16_check.py: fp16 against fp32, released sizes
 #   sessions    bench/musetalk_sessions.py: sessions per GPU, released sizes
+#   sessions-compiled   the same with --musetalk_compile reduce-overhead (CUDA graphs)
 # SMOKE=1 runs every step with tiny weights on the CPU (checks this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,11 +76,15 @@ run() {
             local half=fp16; [ -n "$tiny" ] && half=bf16
             $PY bench/musetalk_fp16_check.py --random $random --half $half "${device[@]}" "${speech[@]}" \
                 --out "$OUT/fp16-check.json" || status=1 ;;
-        sessions)
-            local counts=${SESSIONS:-1,2,4,8,12,16,24,32} seconds=${SECONDS_PER_COUNT:-20}
+        sessions|sessions-compiled)
+            local counts=${SESSIONS:-1,2,4,8,12,16,24,32} seconds=${SECONDS_PER_COUNT:-20} compile=off
             [ -n "$tiny" ] && counts=1 seconds=3
+            if [ $step = sessions-compiled ]; then
+                [ -n "$tiny" ] && { echo "skipped with SMOKE=1 (inductor on a CPU: ~1 min per batch size)"; continue; }
+                compile=reduce-overhead
+            fi
             $PY bench/musetalk_sessions.py --random $random --sessions "$counts" --seconds "$seconds" "${speech[@]}" \
-                --out "$OUT/sessions.json" || status=1 ;;
+                --musetalk_compile $compile --out "$OUT/$step.json" || status=1 ;;
         *) echo "unknown step $step"; status=1 ;;
         esac
     done

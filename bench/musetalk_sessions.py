@@ -98,7 +98,8 @@ def load_factory(args, workdir: Path):
         write_models(models_dir, version="v15", size=args.random)
         print(f"wrote {args.random} random checkpoints in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     server_args = parse_args(["--model", "musetalk", "--models_dir", str(models_dir),
-                              "--latency_mode", args.latency_mode, "--parsing", "landmarks"])
+                              "--latency_mode", args.latency_mode, "--parsing", "landmarks",
+                              "--musetalk_compile", args.musetalk_compile])
     factory = musetalk_model_factory(server_args, avatar)
     engine = factory().engine
     return server_args, avatar, factory, engine
@@ -208,6 +209,8 @@ def main() -> None:
     ap.add_argument("--speech", type=Path, help=".npy (float32 16 kHz) or audio file (default: ../shared sun.wav, else espeak)")
     ap.add_argument("--speech_seconds", type=float, default=8.0, help="utterance length cut from the clip")
     ap.add_argument("--latency_mode", default="low")
+    ap.add_argument("--musetalk_compile", default="off", choices=("off", "default", "reduce-overhead", "max-autotune"),
+                    help="as the server's option: torch.compile the engine (per batch-size bucket)")
     ap.add_argument("--avatar_id", help="prepared avatar (default: the built-in one)")
     ap.add_argument("--avatars_dir", type=Path, default=ROOT / "data" / "avatars")
     ap.add_argument("--stop_after_fail", action=argparse.BooleanOptionalAction, default=True,
@@ -240,6 +243,7 @@ def main() -> None:
         "weights": None if engine is None else args.random and f"random {args.random}" or str(args.models_dir),
         "latency_mode": args.latency_mode,
         "batch_size": server_args.batch_size,
+        "compile": None if engine is None else engine.compile_mode,
         "rows": rows,
         "sessions_holding": max(holding) if holding else 0,
         "criterion": f"underrun_pct < {UNDERRUN_LIMIT_PCT}",
