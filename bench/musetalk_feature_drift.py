@@ -18,15 +18,16 @@ Yardsticks printed with the results: how much a reference window changes from on
 video frame to the next (the signal the UNet follows), and how much the reference
 itself changes when the same audio is cut into a shorter utterance.
 
-Encoder: ``--whisper tiny.pt`` loads a real openai-whisper checkpoint (``dims`` +
-``model_state_dict``, ``encoder.*`` keys); without it a Whisper-tiny-sized encoder
+Encoder: ``--models_dir models`` loads the real Whisper-tiny encoder through the
+server's loader (``whisper/tiny.pt`` or a transformers ``whisper-tiny`` folder, as
+MuseTalk's own download script fetches); without it a Whisper-tiny-sized encoder
 with random weights (seed 0): that measures the architecture's context sensitivity
 only. Random attention is nearly uniform over all 1500 positions, far more global
 than trained heads, so re-run with the real weights before trusting the numbers.
 
 Usage::
 
-    .venv/bin/python bench/musetalk_feature_drift.py [--whisper models/whisper/tiny.pt] [--out drift.json]
+    .venv/bin/python bench/musetalk_feature_drift.py [--models_dir models] [--out drift.json]
 
 Prints one JSON object (also written to ``--out``) and a table on stderr.
 """
@@ -90,25 +91,21 @@ RECOMMENDED_KEYS = (
 )
 
 
-def load_encoder(path: Path | None) -> tuple[AudioEncoder, str]:
+def load_encoder(models_dir: Path | None) -> tuple[AudioEncoder, str]:
     """The encoder to measure, and a description of its weights.
 
     Raises:
-        KeyError: the checkpoint lacks ``dims`` / ``model_state_dict``.
-        RuntimeError: its encoder keys do not fit the dims.
+        musetalk.models.MissingWeightsError: ``models_dir`` lacks a file of the
+            released layout or holds a malformed one.
     """
-    if path is None:
+    if models_dir is None:
         torch.manual_seed(0)
         enc = AudioEncoder(**TINY)
         return enc.eval(), "random (torch.manual_seed(0)): measures the architecture's context sensitivity only"
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    dims = ckpt["dims"]
-    enc = AudioEncoder(
-        dims["n_mels"], dims["n_audio_ctx"], dims["n_audio_state"], dims["n_audio_head"], dims["n_audio_layer"]
-    )
-    prefix = "encoder."
-    enc.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["model_state_dict"].items() if k.startswith(prefix)})
-    return enc.eval(), f"openai-whisper checkpoint {path}"
+    from musetalk.models import find_weights, load_whisper_encoder
+
+    paths = find_weights(models_dir)
+    return load_whisper_encoder(paths), f"released Whisper-tiny {paths.whisper}"
 
 
 def encoder_gmacs(enc: AudioEncoder, tokens: int, silence: int = 0) -> float:
@@ -168,7 +165,8 @@ def interior(n_features: int, n_frames: int) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--whisper", type=Path, help="openai-whisper tiny.pt (default: random weights, seed 0)")
+    ap.add_argument("--models_dir", type=Path,
+                    help="released weights folder: its whisper/ encoder (default: random weights, seed 0)")
     ap.add_argument("--clips", default="yongen.wav,sun.wav", help="files in ../shared/media")
     ap.add_argument("--left", default="0,80,160,320,640,1000", help="left context values (ms)")
     ap.add_argument("--right", default="0,40,80,160,320", help="right context values (ms)")
@@ -178,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    enc, weights = load_encoder(args.whisper)
+    enc, weights = load_encoder(args.models_dir)
     clips = {}
     for name in args.clips.split(","):
         clips[name] = decode_audio((MEDIA / name).read_bytes(), max_seconds=600)
