@@ -35,7 +35,7 @@ import sys
 sys.path.insert(0, ".")
 import numpy as np
 import avatar
-from bench.musetalk_sessions import load_speech
+from bench.common import load_speech
 pcm = load_speech(None)  # ../shared/media/sun.wav, else espeak
 np.save(".whl/speech16k.npy", pcm.astype(np.float32))
 avatar.ensure_default_avatar("data/avatars")

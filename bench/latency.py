@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import emit  # noqa: E402
 from audio import decode_audio  # noqa: E402
 from client import AvatarClient, ServerProcess, av_offset, mouth_box, mouth_motion, set_audio_prefetch  # noqa: E402
 
@@ -298,10 +298,7 @@ def main() -> None:
                                                           server_pid=srv.proc.pid))
         finally:
             srv.stop()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Prints one JSON object (also written to ``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.musetalk_sessions import load_speech  # noqa: E402
+from bench.common import emit, load_speech  # noqa: E402
 from clock import FRAME_SAMPLES  # noqa: E402
 from musetalk.inference import VAE_SCALE  # noqa: E402
 
@@ -110,10 +109,7 @@ def main() -> None:
             models_dir = Path(tmp) / "models"
             write_models(models_dir, version="v15", size=args.random)
         result = check(args, models_dir)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -50,25 +50,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import emit, load_speech  # noqa: E402
 from clock import FRAME_MS, SAMPLE_RATE  # noqa: E402
 
-MEDIA = ROOT.parent / "shared" / "media"
 UNDERRUN_LIMIT_PCT = 1.0
-
-
-def load_speech(path: Path | None) -> np.ndarray:
-    """float32 16 kHz mono speech: a ``.npy`` of it, any audio file, or by default
-    ../shared/media/sun.wav when present, else espeak reading a pangram."""
-    if path is None and not (MEDIA / "sun.wav").exists():
-        from tts import make_tts
-
-        return make_tts("espeak").synthesize("The quick brown fox jumps over the lazy dog. " * 6)
-    path = path or MEDIA / "sun.wav"
-    if path.suffix == ".npy":
-        return np.load(path).astype(np.float32).reshape(-1)
-    from audio import decode_audio
-
-    return decode_audio(path.read_bytes(), max_seconds=600)
 
 
 def load_factory(args, workdir: Path):
@@ -248,10 +233,7 @@ def main() -> None:
         "sessions_holding": max(holding) if holding else 0,
         "criterion": f"underrun_pct < {UNDERRUN_LIMIT_PCT}",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import emit  # noqa: E402
 from musetalk.checkpoints import unet_config, vae_config  # noqa: E402
 from musetalk.inference import VAE_SCALE, ConstantTimeEmbedding  # noqa: E402
 
@@ -134,10 +135,7 @@ def main() -> None:
     if args.device == "cpu" and args.dtype == "fp16":
         args.dtype = "fp32"
     result = run(args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,6 @@ _OPENAI_TO_HF_WHISPER = [
 ]
 
 
-
 def _check_size(size: str) -> None:
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, not {size!r}")
