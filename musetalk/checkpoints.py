@@ -302,7 +302,7 @@ def write_models(models_dir: Path, version: str = "v15", audio_dim: int = 32, si
 
     Tiny: the Whisper width equals ``audio_dim`` so encoder features feed the
     UNet's cross-attention (384 for both in the release). Full: the released
-    sizes (about 3.9 GB on disk; a minute or so on a CPU). No face-parsing weights.
+    sizes (3.81 GB on disk, measured). No face-parsing weights.
     """
     models_dir = Path(models_dir)
     write_unet(models_dir, version, size=size, audio_dim=audio_dim)

@@ -197,12 +197,11 @@ class MuseTalkEngine:
         tokens = torch.as_tensor(np.ascontiguousarray(audio)).to(self.device, self.dtype, non_blocking=True)
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous replay's output is consumed
-        bgr = self._step(latents, tokens)[:n].cpu().numpy()
-        return np.ascontiguousarray(bgr)
+        return self._step(latents, tokens)[:n].cpu().numpy()
 
     def _faces(self, latents: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """PE -> UNet(t=0) -> /0.18215 -> VAE decode -> uint8 BGR (B, 256, 256, 3) on the device."""
         pred = self.models.unet(latents, self._timestep, encoder_hidden_states=self.models.pe(tokens)).sample
         image = self.models.vae.decode(pred / VAE_SCALE).sample
-        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return image.permute(0, 2, 3, 1).flip(-1)  # RGB -> BGR
+        image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).flip(1)  # RGB -> BGR
+        return image.permute(0, 2, 3, 1).contiguous()  # one copy, made on the device
