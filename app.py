@@ -3,11 +3,13 @@
 HTTP API (LiveTalking-compatible; JSON bodies, answers ``{"code": 0, "msg": "ok"}``
 or ``{"code": -1, "msg": "<error>"}`` with an HTTP 4xx status):
 
-- ``POST /offer`` ``{sdp, type}`` -> ``{sdp, type: "answer", sessionid}``
-- ``POST /human`` ``{sessionid, text, type: "echo", interrupt?}``
-- ``POST /humanaudio`` multipart ``sessionid``, ``file`` (any audio PyAV decodes)
+- ``POST /offer`` ``{sdp, type, mic?: "lipsync"}`` -> ``{sdp, type: "answer", sessionid}``
+- ``POST /human`` ``{sessionid, text, type: "echo", interrupt?}`` -> ``{utterance}``
+- ``POST /humanaudio`` multipart ``sessionid``, ``file`` (any audio PyAV decodes) -> ``{utterance}``
 - ``POST /interrupt_talk`` ``{sessionid}``
 - ``POST /is_speaking`` ``{sessionid}`` -> ``{code: 0, data: bool}``
+- ``GET /ws?sessionid=`` live audio in, events out (``ingest.py``)
+- ``GET /events?sessionid=`` playback events as SSE; ``GET /sse`` LiveTalking's shape (``events.py``)
 - ``GET /metrics`` Prometheus text; ``GET /status`` JSON; ``GET /`` the web page.
 
 Run ``python app.py --help`` for options.
@@ -29,11 +31,14 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
 import avatar as avatar_mod
+import events
+import ingest
 from audio import AudioDecodeError, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
 from clock import SAMPLE_RATE
 from config import parse_args, session_options
+from events import EventBus, attach_data_channel
 from metrics import Metrics
 from webrtc import AvatarAudioTrack, AvatarVideoTrack, use_loopback_ice
 
@@ -89,12 +94,13 @@ def select_model(args) -> tuple[str, str]:
 
 
 class Session:
-    """A peer connection and its worker."""
+    """A peer connection, its worker and its event bus."""
 
-    def __init__(self, session_id: str, pc: RTCPeerConnection, worker: BaseReal) -> None:
+    def __init__(self, session_id: str, pc: RTCPeerConnection, worker: BaseReal, bus: EventBus) -> None:
         self.id = session_id
         self.pc = pc
         self.worker = worker
+        self.bus = bus
         self.closed = False
 
 
@@ -166,6 +172,10 @@ class AvatarServer:
             raise HTTPError(404, f"unknown session '{str(sid)[:40]}'")
         return s
 
+    def session_of_query(self, request: web.Request) -> Session:
+        """The session named by ``?sessionid=`` (GET routes). Raises HTTPError 400/404."""
+        return self.session(dict(request.query))
+
     async def close_session(self, session: Session) -> None:
         if session.closed:
             return
@@ -174,6 +184,7 @@ class AvatarServer:
         self.metrics.sessions.set(len(self.sessions))
         log.info("session %s closed (%d open)", session.id[:8], len(self.sessions))
         await asyncio.get_running_loop().run_in_executor(None, session.worker.stop)
+        session.bus.close()
         await session.pc.close()
         self.metrics.remove(session.id)
 
@@ -189,13 +200,17 @@ class AvatarServer:
         sdp, kind = body.get("sdp"), body.get("type")
         if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             raise HTTPError(400, "expected {'sdp': <offer SDP string>, 'type': 'offer'}")
+        mic = body.get("mic")
+        if mic not in (None, "off", "lipsync"):
+            raise HTTPError(400, f"'mic' must be 'lipsync' or 'off', got {str(mic)[:20]!r}")
         if len(self.sessions) >= self.args.max_session:
             raise HTTPError(503, f"server full: {len(self.sessions)}/{self.args.max_session} sessions")
         sid = secrets.token_hex(SESSION_ID_BYTES)
         tts = await self.tts()
-        worker = BaseReal(sid, self._model_factory(), self.avatar, self.options, self.metrics.session(sid), tts)
+        bus = EventBus()
+        worker = BaseReal(sid, self._model_factory(), self.avatar, self.options, self.metrics.session(sid), tts, bus.publish)
         pc = RTCPeerConnection()
-        session = Session(sid, pc, worker)
+        session = Session(sid, pc, worker, bus)
         self.sessions[sid] = session
         self.metrics.sessions.set(len(self.sessions))
 
@@ -205,8 +220,22 @@ class AvatarServer:
             if pc.connectionState in ("failed", "closed"):
                 await self.close_session(session)
 
+        @pc.on("datachannel")
+        def on_datachannel(channel) -> None:
+            if channel.label == "events":
+                attach_data_channel(channel, bus)
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            # The microphone as live speech; any other incoming track is drained unused.
+            use = track.kind == "audio" and mic == "lipsync"
+            self._background(ingest.MicrophoneIngest(worker, track).run() if use else drain(track))
+
         try:
-            pc.addTrack(AvatarAudioTrack(worker))
+            if mic == "lipsync":  # answer the page's sendrecv audio transceiver
+                pc.addTransceiver(AvatarAudioTrack(worker), direction="sendrecv")
+            else:
+                pc.addTrack(AvatarAudioTrack(worker))
             pc.addTrack(AvatarVideoTrack(worker))
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
@@ -233,12 +262,12 @@ class AvatarServer:
         if body.get("interrupt"):
             session.worker.interrupt()
         try:
-            session.worker.say(text)
+            utterance = session.worker.say(text)
         except TextQueueFull as e:
             raise HTTPError(429, str(e)) from e
         except RuntimeError as e:
             raise HTTPError(400, str(e)) from e
-        return ok()
+        return ok(utterance=utterance)
 
     async def humanaudio(self, request: web.Request) -> web.Response:
         if not request.content_type.startswith("multipart/"):
@@ -271,13 +300,16 @@ class AvatarServer:
             raise HTTPError(400, f"cannot decode audio: {e}") from e
         if fields.get("interrupt", "").lower() in ("1", "true", "yes"):
             session.worker.interrupt()
+        utterance = session.worker.open_utterance("audio")
         try:
-            session.worker.put_audio(pcm)
-        except SpeechQueueFull as e:
-            raise HTTPError(429, str(e)) from e
-        except ValueError as e:
-            raise HTTPError(413, str(e)) from e
-        return ok(duration_s=round(len(pcm) / SAMPLE_RATE, 3))
+            session.worker.put_audio(pcm, utterance=utterance)
+        except (SpeechQueueFull, ValueError) as e:
+            session.worker.end_utterance(utterance)
+            raise HTTPError(429 if isinstance(e, SpeechQueueFull) else 413, str(e)) from e
+        return ok(duration_s=round(len(pcm) / SAMPLE_RATE, 3), utterance=utterance)
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        return await ingest.websocket(request, self.session_of_query(request))
 
     async def interrupt_talk(self, request: web.Request) -> web.Response:
         session = self.session(await read_json(request))
@@ -318,6 +350,15 @@ class AvatarServer:
         await asyncio.gather(*(self.close_session(s) for s in list(self.sessions.values())))
 
 
+async def drain(track) -> None:
+    """Receive and discard an incoming track nobody uses (its frames would pile up)."""
+    from aiortc.contrib.media import MediaBlackhole
+
+    sink = MediaBlackhole()
+    sink.addTrack(track)
+    await sink.start()
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request's JSON object body. Raises HTTPError(400) when malformed."""
     try:
@@ -339,6 +380,8 @@ def build_app(args) -> web.Application:
     app.router.add_post("/humanaudio", server.humanaudio)
     app.router.add_post("/interrupt_talk", server.interrupt_talk)
     app.router.add_post("/is_speaking", server.is_speaking)
+    app.router.add_get("/ws", server.websocket)
+    events.setup(app, server.session_of_query)
     app.router.add_get("/status", server.status)
     app.router.add_get("/metrics", server.metrics_handler)
     app.router.add_get("/", server.index)

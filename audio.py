@@ -22,9 +22,15 @@ from clock import SAMPLE_RATE  # 16000 Hz
 __all__ = [
     "SAMPLE_RATE",
     "AudioDecodeError",
+    "PCM_FORMATS",
+    "StreamResampler",
     "decode_audio",
+    "pcm_to_mono",
     "resample",
 ]
+
+# Raw PCM sample formats of live streams: name -> numpy dtype (little-endian).
+PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,71 @@ def resample(pcm: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarr
     up, down = sr_out_i // g, sr_in_i // g
     y = resample_poly(x, up, down, axis=0)
     return np.asarray(y, dtype=np.float32)
+
+
+def pcm_to_mono(data: bytes, fmt: str, channels: int) -> np.ndarray:
+    """Raw interleaved PCM bytes -> mono float32 (samples,) in [-1, 1].
+
+    Args:
+        data: interleaved little-endian samples, a whole number of sample frames.
+        fmt: "s16le" (scaled by 1/32768) or "f32le" (NaN -> 0, clipped to [-1, 1]).
+        channels: 1 or more; channels are averaged (equal weights).
+
+    Raises:
+        ValueError: unknown format, or a length that is not a whole number of frames.
+    """
+    dtype = PCM_FORMATS.get(fmt)
+    if dtype is None:
+        raise ValueError(f"unknown PCM format {fmt!r}; expected one of {sorted(PCM_FORMATS)}")
+    frame_bytes = dtype.itemsize * channels
+    if len(data) % frame_bytes:
+        raise ValueError(f"{len(data)} bytes is not a whole number of {frame_bytes}-byte sample frames ({fmt}, {channels} ch)")
+    x = np.frombuffer(data, dtype=dtype).reshape(-1, channels)
+    if fmt == "s16le":
+        mono = x.mean(axis=1, dtype=np.float32) / np.float32(32768.0)
+    else:
+        mono = x.mean(axis=1, dtype=np.float32)
+        np.nan_to_num(mono, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.clip(mono, -1.0, 1.0, out=mono)
+    return mono
+
+
+class StreamResampler:
+    """Streaming resampler for live audio: chunks in, chunks out, state carried across
+    chunk edges, so no sample is lost, duplicated or clicked at a boundary.
+
+    A thin wrapper of ``soxr.ResampleStream`` (libsoxr, "HQ" quality); its cost per
+    sample does not depend on the ratio of the rates. The output lags the input by
+    the filter's delay (a few ms); :meth:`flush` returns the held tail, after which
+    the total output is ``round(total_in * rate_out / rate_in)`` samples.
+
+    Args:
+        rate_in: input sample rate (Hz, > 0).
+        rate_out: output sample rate (Hz, > 0; default 16000).
+    """
+
+    def __init__(self, rate_in: int, rate_out: int = SAMPLE_RATE) -> None:
+        if int(rate_in) != rate_in or int(rate_out) != rate_out or rate_in <= 0 or rate_out <= 0:
+            raise ValueError(f"sample rates must be positive integers, got {rate_in!r} -> {rate_out!r}")
+        self.rate_in, self.rate_out = int(rate_in), int(rate_out)
+        self._stream = None
+        if self.rate_in != self.rate_out:
+            import soxr
+
+            self._stream = soxr.ResampleStream(self.rate_in, self.rate_out, 1, dtype="float32", quality="HQ")
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        """float32 (n,) at ``rate_in`` -> float32 (m,) at ``rate_out`` (m may be 0)."""
+        x = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        if self._stream is None:
+            return x.copy()
+        return self._stream.resample_chunk(x)
+
+    def flush(self) -> np.ndarray:
+        """The output still held in the filter (end of stream); the resampler is then spent."""
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        return self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 def _reason(exc: BaseException) -> str:

@@ -34,8 +34,10 @@ VAD_THRESHOLD_DBFS = -45.0
 VAD_HANGOVER_FRAMES = 3
 # Most frames whose features are computed in one call (bounds the first frame's wait).
 FEATURE_BATCH = 8
-# An utterance with no end-of-utterance mark is closed after this much input silence (s).
-UTTERANCE_GAP_S = 0.3
+# An open utterance whose producer sent nothing for this long is closed, as if its end
+# had come (a vanished producer). A live producer that is merely late keeps its
+# utterance open: the playout plays idle slots meanwhile, and nothing it sends is lost.
+UTTERANCE_ABANDON_S = 5.0
 
 
 class SpeechQueueFull(RuntimeError):
@@ -44,11 +46,24 @@ class SpeechQueueFull(RuntimeError):
 
 @dataclass
 class AudioSegment:
-    """A piece of pushed audio. ``pcm`` is float32 (samples,) at 16 kHz mono in [-1, 1]."""
+    """A piece of pushed audio.
+
+    Attributes:
+        pcm: float32 (samples,) at 16 kHz mono in [-1, 1]; may be empty for a bare
+            end-of-utterance mark.
+        epoch: interrupt epoch it was pushed in.
+        end_of_utterance: the utterance ends after this segment.
+        utterance: the session's utterance number (``events.PlaybackTracker``), or
+            None for audio outside the event bookkeeping (tests, benchmarks).
+        text: a subtitle that starts with this segment's first sample (a /human sentence).
+        t_in: monotonic time (s) the audio entered the session.
+    """
 
     pcm: np.ndarray
     epoch: int
     end_of_utterance: bool = True
+    utterance: int | None = None
+    text: str | None = None
     t_in: float = field(default_factory=time.monotonic)
 
 
@@ -65,6 +80,8 @@ class AudioUnit:
         index: frame index within the utterance.
         epoch: interrupt epoch.
         final: last frame of its utterance.
+        utterance: the session's utterance number (None: not tracked).
+        text: subtitle starting in this frame (a /human sentence), if any.
         t_in: monotonic time (s) the audio entered the session.
         stamps: per-stage monotonic timestamps (s).
     """
@@ -77,6 +94,8 @@ class AudioUnit:
     index: int
     epoch: int
     final: bool = False
+    utterance: int | None = None
+    text: str | None = None
     t_in: float = 0.0
     stamps: dict[str, float] = field(default_factory=dict)
 
@@ -273,6 +292,9 @@ class BaseASR(threading.Thread):
         self._loop_start = 0
         self._t_in = 0.0
         self._last_input = 0.0
+        self._utterance: int | None = None
+        self._marks: deque[tuple[int, str]] = deque()  # (utterance sample offset, subtitle)
+        self._samples = 0  # utterance samples appended to _buf so far
         self.busy = False
 
     def _stale(self) -> bool:
@@ -284,18 +306,26 @@ class BaseASR(threading.Thread):
             if self._epoch() != self._epoch_seen:
                 self._reset_utterance(self._epoch())
             if segment is None:
-                if self.busy and time.monotonic() - self._last_input > UTTERANCE_GAP_S:
+                if self.busy and time.monotonic() - self._last_input > UTTERANCE_ABANDON_S:
                     self._emit(flush=True)
                 continue
             if segment.epoch != self._epoch_seen:
                 continue
+            if self.busy and segment.utterance != self._utterance:
+                self._emit(flush=True)  # a new utterance closes the one still open
+                if self._stale():
+                    continue
             if not self.busy:  # a new utterance
                 self._buf = np.zeros(self.lookbehind, dtype=np.float32)
                 self._frame = 0
                 self._loop_start = self._loop_hint()
+                self._utterance = segment.utterance
                 self.busy = True
             self._t_in = segment.t_in  # frames emitted from here on are this segment's
             self._last_input = time.monotonic()
+            if segment.text:
+                self._marks.append((self._samples, segment.text))
+            self._samples += len(segment.pcm)
             self._buf = np.concatenate([self._buf, segment.pcm.astype(np.float32, copy=False)])
             self._emit(flush=segment.end_of_utterance)
 
@@ -311,6 +341,13 @@ class BaseASR(threading.Thread):
         consecutive frames (``museasr.MuseASR``).
         """
         return [self.features(w) for w in windows]
+
+    def _subtitle(self, frame: int) -> str | None:
+        """Subtitles whose first sample falls in utterance frame ``frame`` (or before)."""
+        texts = []
+        while self._marks and self._marks[0][0] < (frame + 1) * FRAME_SAMPLES:
+            texts.append(self._marks.popleft()[1])
+        return " ".join(texts) or None
 
     def _emit(self, flush: bool) -> None:
         """Emit every frame whose lookahead is available; on ``flush`` pad and close."""
@@ -340,6 +377,8 @@ class BaseASR(threading.Thread):
                     index=self._frame + i,
                     epoch=self._epoch_seen,
                     final=flush and last_group and i == n - 1,
+                    utterance=self._utterance,
+                    text=self._subtitle(self._frame + i),
                     t_in=self._t_in,
                 )
                 units.append(unit)

@@ -21,13 +21,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from avatar import to_i420
 from baseasr import AudioInbox, AudioSegment, AudioUnit, BaseASR, SpeechQueueFull, StageQueue
 from clock import SAMPLE_RATE, SessionClock
+from events import PlaybackTracker
 from metrics import SessionMetrics
 from playout import MediaUnit, PlayoutBuffer
 
@@ -112,6 +113,8 @@ class BaseReal:
         options: pipeline settings.
         metrics: the session's metric children.
         tts: a ``tts.TTS`` for ``say`` (None: text input unsupported).
+        publish: where the session's playback events go (``events.EventBus.publish``;
+            None: nowhere).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class BaseReal:
         options: SessionOptions,
         metrics: SessionMetrics,
         tts: Any = None,
+        publish: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.session_id = session_id
         self.model = model
@@ -130,6 +134,7 @@ class BaseReal:
         self.metrics = metrics
         self.tts = tts
         self.clock = SessionClock()
+        self.playback = PlaybackTracker(publish or (lambda event: None))
         self.epoch = 0
         self._epoch_lock = threading.Lock()
         self._stop = threading.Event()
@@ -142,7 +147,7 @@ class BaseReal:
             on_underrun=metrics.underrun,
         )
         self.inbox = AudioInbox(options.max_audio_seconds)
-        self.text_queue: StageQueue[tuple[int, str]] = StageQueue(options.max_texts)
+        self.text_queue: StageQueue[tuple[int, int, str]] = StageQueue(options.max_texts)  # (epoch, utterance, text)
         self.unit_queue: StageQueue[AudioUnit] = StageQueue(max(2 * options.batch_size, 4))
         self.composite_queue: StageQueue[tuple[AudioUnit, Any]] = StageQueue(max(2 * options.batch_size, 4))
         self.asr = model.make_asr(
@@ -153,8 +158,6 @@ class BaseReal:
             stop_event=self._stop,
             name=f"asr-{session_id[:8]}",
         )
-        self._tts_busy = False
-        self._infer_busy = False
         self._threads = [
             self.asr,
             threading.Thread(target=self._inference_loop, name=f"infer-{session_id[:8]}", daemon=True),
@@ -183,8 +186,26 @@ class BaseReal:
         return self._stop.is_set()
 
     # -- input --------------------------------------------------------------------
-    def put_audio(self, pcm: np.ndarray, end_of_utterance: bool = True, block: bool = False) -> None:
-        """Queue float32 16 kHz mono PCM to be spoken.
+    def open_utterance(self, kind: str, text: str = "") -> int:
+        """Number a new utterance for the playback events; returns its id.
+
+        ``kind``: "text", "audio", "stream" or "mic"; ``text``: what it says, if known.
+        """
+        return self.playback.open(kind, text)
+
+    def put_audio(
+        self,
+        pcm: np.ndarray,
+        end_of_utterance: bool = True,
+        block: bool = False,
+        utterance: int | None = None,
+        text: str | None = None,
+    ) -> bool:
+        """Queue float32 16 kHz mono PCM to be spoken, as part of ``utterance``.
+
+        A new utterance number closes the one the ASR still holds open. ``text``: a
+        subtitle that starts with this audio. Returns False when a blocking put was
+        abandoned because an interrupt made it stale.
 
         Raises:
             SpeechQueueFull: the session's audio budget is exhausted (non-blocking).
@@ -193,20 +214,34 @@ class BaseReal:
         pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
         if pcm.size == 0:
             raise ValueError("audio is empty")
-        epoch = self.epoch
-        self.inbox.put(
-            AudioSegment(pcm=pcm, epoch=epoch, end_of_utterance=end_of_utterance),
+        return self._put(pcm, self.epoch, end_of_utterance, block, utterance, text)
+
+    def end_utterance(self, utterance: int) -> None:
+        """Close ``utterance``: what was pushed plays out, then ``playback_finished``."""
+        self._put(np.zeros(0, np.float32), self.epoch, True, False, utterance, None)
+
+    def _put(self, pcm: np.ndarray, epoch: int, end: bool, block: bool, utterance: int | None, text: str | None) -> bool:
+        queued = self.inbox.put(
+            AudioSegment(pcm=pcm, epoch=epoch, end_of_utterance=end, utterance=utterance, text=text),
             block=block,
             is_stale=lambda: self.epoch != epoch or self._stop.is_set(),
         )
+        if queued and utterance is not None:
+            self.playback.add_samples(utterance, len(pcm))
+        return queued
 
-    def say(self, text: str) -> None:
-        """Queue ``text`` for TTS. Raises TextQueueFull, or RuntimeError without TTS."""
+    def say(self, text: str) -> int:
+        """Queue ``text`` for TTS; returns its utterance number.
+
+        Raises TextQueueFull, or RuntimeError without TTS.
+        """
         if self.tts is None:
             raise RuntimeError("no TTS engine is configured for this server")
         if len(self.text_queue) >= self.text_queue.maxsize:
             raise TextQueueFull(f"too many texts waiting ({self.text_queue.maxsize}); interrupt or retry later")
-        self.text_queue.put((self.epoch, text))
+        utterance = self.open_utterance("text", text)
+        self.text_queue.put((self.epoch, utterance, text))
+        return utterance
 
     def interrupt(self) -> None:
         """Stop speaking now: flush every stage; the next slot plays idle."""
@@ -218,20 +253,13 @@ class BaseReal:
         self.unit_queue.clear()
         self.composite_queue.clear()
         self.playout.flush(epoch)
+        self.playback.interrupt()
         self.metrics.interrupted()
 
     def is_speaking(self) -> bool:
-        """True while any stage holds user speech or it is playing."""
-        return bool(
-            self._tts_busy
-            or len(self.text_queue)
-            or self.inbox.pending_samples
-            or self.asr.busy
-            or len(self.unit_queue)
-            or self._infer_busy
-            or len(self.composite_queue)
-            or self.playout.speaking
-        )
+        """True while the tracks send user audio, or an utterance they started has not
+        finished (a live producer that is late gets idle slots, not an end)."""
+        return self.playout.speaking or self.playback.speaking
 
     def status(self) -> dict[str, Any]:
         return {
@@ -254,32 +282,19 @@ class BaseReal:
             item = self.text_queue.get(timeout=0.1)
             if item is None:
                 continue
-            epoch, text = item
+            epoch, utterance, text = item
             if epoch != self.epoch:
                 continue
-            self._tts_busy = True
             try:
-                pending = None
-                for pcm in self.tts.stream(text):  # sentence by sentence
+                for sentence, pcm in self.tts.sentences(text):  # synthesised one at a time
                     if epoch != self.epoch or self._stop.is_set():
                         break
-                    if pending is not None:
-                        self._put_tts(pending, epoch, end=False)
-                    pending = pcm
-                if pending is not None and epoch == self.epoch:
-                    self._put_tts(pending, epoch, end=True)
+                    self._put(pcm, epoch, False, True, utterance, sentence)
             except Exception:  # a TTS failure must not kill the session
                 log.exception("session %s: TTS failed for %r", self.session_id[:8], text[:60])
             finally:
-                self._tts_busy = False
-
-    def _put_tts(self, pcm: np.ndarray, epoch: int, end: bool) -> None:
-        if pcm.size:
-            self.inbox.put(
-                AudioSegment(pcm=pcm, epoch=epoch, end_of_utterance=end),
-                block=True,
-                is_stale=lambda: self.epoch != epoch or self._stop.is_set(),
-            )
+                if epoch == self.epoch and not self._stop.is_set():
+                    self._put(np.zeros(0, np.float32), epoch, True, False, utterance, None)
 
     def _inference_loop(self) -> None:
         carry: AudioUnit | None = None
@@ -301,7 +316,6 @@ class BaseReal:
                 continue
             silent = False
             batch, carry = self._gather(unit)
-            self._infer_busy = True
             try:
                 patches = self.model.infer(
                     np.stack([u.features for u in batch]), [u.loop_index for u in batch]
@@ -309,8 +323,6 @@ class BaseReal:
             except Exception:  # keep the audio: fall back to idle frames
                 log.exception("session %s: model failed on a batch of %d", self.session_id[:8], len(batch))
                 patches = [None] * len(batch)
-            finally:
-                self._infer_busy = False
             now = time.monotonic()
             for u, patch in zip(batch, patches):
                 u.stamps["model"] = now
@@ -361,6 +373,8 @@ class BaseReal:
                 speech=unit.speech,
                 epoch=unit.epoch,
                 final=unit.final,
+                utterance=unit.utterance,
+                text=unit.text,
                 t_in=unit.t_in,
                 stamps=unit.stamps,
             )

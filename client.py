@@ -75,6 +75,9 @@ class AvatarClient:
         self._v0: int | None = None
         self._a0: int | None = None
         self.first_video = asyncio.Event()
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.events: list[tuple[float, dict]] = []  # (monotonic arrival, event) from /ws
+        self.mic_track = None  # a MediaStreamTrack to send as the microphone ("mic": "lipsync")
 
     async def __aenter__(self) -> "AvatarClient":
         await self.connect()
@@ -87,7 +90,10 @@ class AvatarClient:
         """Negotiate a session (non-trickle ICE, like the reference page). Returns its id."""
         self.http = aiohttp.ClientSession()
         self.pc.addTransceiver("video", direction="recvonly")
-        self.pc.addTransceiver("audio", direction="recvonly")
+        if self.mic_track is not None:
+            self.pc.addTransceiver(self.mic_track, direction="sendrecv")
+        else:
+            self.pc.addTransceiver("audio", direction="recvonly")
 
         @self.pc.on("track")
         def on_track(track) -> None:
@@ -95,7 +101,10 @@ class AvatarClient:
             self._tasks.append(asyncio.ensure_future(consume(track)))
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        answer = await self.post("/offer", {"sdp": self.pc.localDescription.sdp, "type": "offer"})
+        offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
+        if self.mic_track is not None:
+            offer["mic"] = "lipsync"
+        answer = await self.post("/offer", offer)
         if answer.get("code", 0) != 0:
             raise RuntimeError(f"offer refused: {answer.get('msg')}")
         self.sessionid = answer["sessionid"]
@@ -105,6 +114,8 @@ class AvatarClient:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.ws is not None:
+            await self.ws.close()
         await self.pc.close()
         if self.http is not None:
             await self.http.close()
@@ -122,6 +133,55 @@ class AvatarClient:
 
     async def is_speaking(self) -> bool:
         return bool((await self.post("/is_speaking", {"sessionid": self.sessionid}))["data"])
+
+    async def open_ws(self) -> aiohttp.ClientWebSocketResponse:
+        """Open the session's ``/ws``; its events are collected in :attr:`events`."""
+        assert self.http is not None
+        self.ws = await self.http.ws_connect(f"{self.base_url}/ws?sessionid={self.sessionid}")
+
+        async def read() -> None:
+            async for msg in self.ws:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    self.events.append((time.monotonic(), json.loads(msg.data)))
+
+        self._tasks.append(asyncio.ensure_future(read()))
+        return self.ws
+
+    async def stream_audio(self, pcm16k: np.ndarray, rate: int = 16000, fmt: str = "s16le", chunk_ms: int = 40,
+                           framing: str = "raw", realtime: bool = True, end: bool = True,
+                           stall: tuple[float, float] | None = None, **start) -> list[float]:
+        """Stream ``pcm16k`` (float32 16 kHz mono) over ``/ws`` as one utterance.
+
+        Resamples to ``rate``, encodes as ``fmt`` in ``chunk_ms`` messages with
+        ``framing``, paced in real time (``realtime``); ``stall`` = (at_s, for_s) pauses
+        the producer once. Extra ``start`` fields are sent in the start message.
+        Returns the monotonic send time of each message.
+        """
+        from audio import resample
+        from ingest import build_frame
+
+        assert self.ws is not None
+        pcm = resample(pcm16k, 16000, rate) if rate != 16000 else pcm16k
+        data = (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes() if fmt == "s16le" else pcm.astype("<f4").tobytes()
+        step = rate * chunk_ms // 1000 * (2 if fmt == "s16le" else 4)
+        await self.ws.send_json({"type": "start", "sample_rate": rate, "format": fmt, "framing": framing, **start})
+        sent, t0 = [], time.monotonic()
+        for seq, i in enumerate(range(0, len(data), step)):
+            media_t = seq * chunk_ms / 1000
+            if stall is not None and media_t >= stall[0]:
+                media_t += stall[1]
+            if realtime:
+                await asyncio.sleep(max(0.0, t0 + media_t - time.monotonic()))
+            payload = data[i : i + step]
+            await self.ws.send_bytes(build_frame(seq, payload) if framing == "crc32" else payload)
+            sent.append(time.monotonic())
+        if end:
+            await self.ws.send_json({"type": "end"})
+        return sent
+
+    def events_of(self, kind: str) -> list[dict]:
+        """The collected /ws events of type ``kind``, in arrival order."""
+        return [e for _, e in self.events if e.get("type") == kind]
 
     async def push_audio(self, data: bytes, filename: str = "speech.wav") -> dict:
         assert self.http is not None

@@ -41,6 +41,8 @@ class MediaUnit:
         epoch: interrupt epoch the unit belongs to (stale epochs are discarded).
         idle: True for units made up by the playout buffer (no user audio).
         final: True for the last unit of an utterance.
+        utterance: the session's utterance number the audio belongs to (None: untracked).
+        text: subtitle that starts playing with this unit, if any.
         t_in: monotonic time (s) the unit's audio entered the session.
         stamps: per-stage monotonic timestamps (s), for metrics.
     """
@@ -53,6 +55,8 @@ class MediaUnit:
     epoch: int = 0
     idle: bool = False
     final: bool = False
+    utterance: int | None = None
+    text: str | None = None
     t_in: float = 0.0
     stamps: dict[str, float] = field(default_factory=dict)
 
@@ -148,11 +152,9 @@ class PlayoutBuffer:
 
     @property
     def speaking(self) -> bool:
-        """True while user audio is queued or the latest decided slot carries it."""
-        if self._queue:
-            return True
+        """True when the latest slot the tracks asked for carries user audio (not idle)."""
         last = next(reversed(self._decided.values()), None) if self._decided else None
-        return last is not None and not last.idle
+        return last is not None and not last.idle and last.epoch == self.epoch
 
     def unit_for_slot(self, slot: int) -> MediaUnit:
         """The unit that plays in ``slot``; decides all earlier slots first.

@@ -200,10 +200,16 @@ class TTS:
             float32 arrays of shape (samples,), mono, 16000 Hz, one per
             sentence, in order.
         """
+        for _, audio in self.sentences(text, max_chars):
+            yield audio
+
+    def sentences(self, text: str, max_chars: int = 200) -> Iterator[tuple[str, np.ndarray]]:
+        """Like :meth:`stream`, with each sentence's text: yields (sentence, float32
+        (samples,) mono 16 kHz audio); sentences that produce no audio are skipped."""
         for sentence in split_sentences(text, max_chars=max_chars):
             audio = self.synthesize(sentence)
             if audio.size:
-                yield audio
+                yield sentence, audio
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, sample_rate_out={self.sample_rate_out})"

@@ -107,16 +107,18 @@ class AvatarAudioTrack(_SessionTrack):
         await self._wait_until(self.clock.chunk_due(chunk))
         unit = self.playout.unit_for_slot(chunk_slot(chunk))
         part = chunk % AUDIO_CHUNKS_PER_FRAME
-        if unit.epoch != self.playout.epoch:  # interrupted mid-slot: the rest is silence
-            samples = SILENCE[:CHUNK_SAMPLES]
-        else:
+        audible = unit.epoch == self.playout.epoch
+        if audible:
             samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
+        else:  # interrupted mid-slot: the rest is silence
+            samples = SILENCE[:CHUNK_SAMPLES]
         frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = SAMPLE_RATE
         frame.pts = audio_pts(chunk)
         frame.time_base = AUDIO_TIME_BASE
         self._next = chunk + 1
         self.metrics.audio_sent()
+        self.worker.playback.on_chunk(unit, part, audible, chunk)
         return frame
 
 

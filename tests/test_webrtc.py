@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from clock import SessionClock
+from events import PlaybackTracker
 from metrics import Metrics
 from playout import MediaUnit, PlayoutBuffer
 from webrtc import AvatarAudioTrack, AvatarVideoTrack
@@ -33,6 +34,7 @@ def make_worker(drop_ms=40):
         metrics=Metrics().session("t"),
         options=SimpleNamespace(drop_threshold_ms=drop_ms),
         stopped=False,
+        playback=PlaybackTracker(lambda event: None),
     )
     return worker, clock_time
 
