@@ -254,6 +254,8 @@ class StreamIngest:
             try:
                 seq, payload = parse_frame(data)
             except FramingError as e:
+                if e.seq == utt.next_seq:  # the expected message, corrupted: its seq is used up
+                    utt.next_seq += 1
                 return self.error(f"{e}; message dropped", e.seq)
             if seq < utt.next_seq:
                 return self.error(f"seq {seq} repeats or goes back (expected {utt.next_seq}); message dropped", seq)
