@@ -23,6 +23,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import cv2
@@ -45,6 +46,8 @@ class Received:
         audio_t: media time (s) of each audio frame's first sample.
         audio_arrival: monotonic arrival time (s) of each audio frame.
         audio: mono float32 sample blocks at ``audio_rate``.
+        rtp_audio: (RTP timestamp, monotonic arrival s) of every audio packet as it
+            reached the receiver, below aiortc's jitter buffer (see ``rtp_arrival``).
     """
 
     video_t: list[float] = field(default_factory=list)
@@ -55,6 +58,21 @@ class Received:
     audio_arrival: list[float] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)
     audio_rate: int = 48000
+    rtp_audio: list[tuple[int, float]] = field(default_factory=list)
+    audio_pts0: int | None = None
+
+    def rtp_arrival(self, media_t: float) -> float | None:
+        """Monotonic time (s) the first RTP packet carrying audio media time ``media_t``
+        (s, on :attr:`audio_t`'s timeline) reached the receiver, before any jitter
+        buffer; None if no such packet arrived."""
+        if self.audio_pts0 is None or not self.rtp_audio:
+            return None
+        origin = self.rtp_audio[0][0]  # aiortc's decoded pts count from the first packet's timestamp
+        for ts, arrival in self.rtp_audio:
+            pts = (ts - origin) & 0xFFFFFFFF
+            if (pts - self.audio_pts0) / self.audio_rate + 0.02 > media_t + 1e-6:
+                return arrival
+        return None
 
     def audio_signal(self) -> np.ndarray:
         """All received audio, concatenated (float32, ``audio_rate``)."""
@@ -109,7 +127,22 @@ class AvatarClient:
             raise RuntimeError(f"offer refused: {answer.get('msg')}")
         self.sessionid = answer["sessionid"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+        for receiver in self.pc.getReceivers():
+            if receiver.track is not None and receiver.track.kind == "audio":
+                self._tap_rtp(receiver)
         return self.sessionid
+
+    def _tap_rtp(self, receiver) -> None:
+        """Record each audio RTP packet's timestamp and arrival time as the transport
+        hands it to the receiver (before the jitter buffer's prefetch)."""
+        handle = receiver._handle_rtp_packet
+        taps = self.received.rtp_audio
+
+        async def tapped(packet, arrival_time_ms):
+            taps.append((packet.timestamp, time.monotonic()))
+            return await handle(packet, arrival_time_ms)
+
+        receiver._handle_rtp_packet = tapped
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -149,12 +182,14 @@ class AvatarClient:
 
     async def stream_audio(self, pcm16k: np.ndarray, rate: int = 16000, fmt: str = "s16le", chunk_ms: int = 40,
                            framing: str = "raw", realtime: bool = True, end: bool = True,
-                           stall: tuple[float, float] | None = None, **start) -> list[float]:
+                           stall: tuple[float, float] | None = None,
+                           mangle: Callable[[int, bytes], bytes | None] | None = None, **start) -> list[float]:
         """Stream ``pcm16k`` (float32 16 kHz mono) over ``/ws`` as one utterance.
 
         Resamples to ``rate``, encodes as ``fmt`` in ``chunk_ms`` messages with
         ``framing``, paced in real time (``realtime``); ``stall`` = (at_s, for_s) pauses
-        the producer once. Extra ``start`` fields are sent in the start message.
+        the producer once; ``mangle(seq, message)`` may alter a message or return None
+        to skip it. Extra ``start`` fields are sent in the start message.
         Returns the monotonic send time of each message.
         """
         from audio import resample
@@ -173,7 +208,11 @@ class AvatarClient:
             if realtime:
                 await asyncio.sleep(max(0.0, t0 + media_t - time.monotonic()))
             payload = data[i : i + step]
-            await self.ws.send_bytes(build_frame(seq, payload) if framing == "crc32" else payload)
+            message = build_frame(seq, payload) if framing == "crc32" else payload
+            if mangle is not None:
+                message = mangle(seq, message)
+            if message is not None:
+                await self.ws.send_bytes(message)
             sent.append(time.monotonic())
         if end:
             await self.ws.send_json({"type": "end"})
@@ -220,7 +259,7 @@ class AvatarClient:
                 frame = await track.recv()
                 now = time.monotonic()
                 if self._a0 is None:
-                    self._a0 = frame.pts
+                    self._a0 = rec.audio_pts0 = frame.pts
                 if not self.keep_media:
                     rec.audio_arrival.append(now)
                     continue
