@@ -269,3 +269,51 @@ def test_webrtc_microphone_is_mouthed_as_live_speech(server, tmp_path):
     u = Utterance(c, starts[0]["utterance"])
     assert u.received_s() > 1.5, u.received_s()
     check_mouth_follows_audio(c, u)
+
+
+def test_events_reach_sse_livetalking_sse_and_the_data_channel(server):
+    """One /human text: the same events on /ws, GET /events (SSE), a data channel
+    labelled 'events', and LiveTalking's GET /sse shape; /human answers its utterance."""
+    import json
+
+    import aiohttp
+
+    async def read_sse(http, path, sid, out, n):
+        async with http.get(f"{server.url}{path}?sessionid={sid}") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                line = line.decode().strip()
+                if line.startswith("data:"):
+                    out.append(json.loads(line[5:]))
+                    if len(out) >= n:
+                        return
+
+    async def run():
+        c = AvatarClient(server.url)
+        channel = c.pc.createDataChannel("events")
+        dc_events = []
+        channel.on("message", lambda m: dc_events.append(json.loads(m)))
+        async with c:
+            await connected(c)
+            sse, lt = [], []
+            async with aiohttp.ClientSession() as http:
+                tasks = [asyncio.ensure_future(read_sse(http, "/events", c.sessionid, sse, 4)),
+                         asyncio.ensure_future(read_sse(http, "/sse", c.sessionid, lt, 2))]
+                await asyncio.sleep(0.3)
+                r = await c.say("Hello there. How are you?")
+                await asyncio.wait_for(asyncio.gather(*tasks), 20)
+                async with http.get(f"{server.url}/events?sessionid=nope") as bad:
+                    unknown = (bad.status, await bad.json())
+            await asyncio.sleep(0.3)
+            return c, r, sse, lt, dc_events, unknown
+
+    c, r, sse, lt, dc_events, unknown = asyncio.run(run())
+    assert r["code"] == 0 and r["utterance"] == 1
+    kinds = ["playback_started", "text", "text", "playback_finished"]
+    assert [e["type"] for e in sse] == kinds, sse
+    assert [e["text"] for e in sse if e["type"] == "text"] == ["Hello there.", "How are you?"]
+    assert [e["type"] for _, e in c.events] == kinds
+    assert [e["type"] for e in dc_events] == kinds
+    assert sse[-1]["playback_position"] > 0.5 and not sse[-1]["interrupted"]
+    assert [(e["status"], e["text"]) for e in lt] == [("start", "Hello there. How are you?"), ("end", "Hello there. How are you?")]
+    assert unknown[0] == 404 and unknown[1]["code"] == -1
