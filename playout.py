@@ -8,7 +8,9 @@ unit, so a video frame and its audio always share one slot (and one pts).
 
 When no unit is ready at a slot's due time, the slot is filled with an *idle* unit
 (the avatar's idle loop frame and digital silence): speech is delayed, never lost
-or sent in a burst. A speech segment starts only once ``prebuffer`` units are
+or sent in a burst. When that happens inside speech (a live producer is late),
+the face eases from the last speech frame to the idle loop over
+``UNDERRUN_FADE_SLOTS`` slots instead of snapping shut. A speech segment starts only once ``prebuffer`` units are
 ready (or its final unit is), a small jitter buffer against producer hiccups.
 
 Thread model: :meth:`put` is called from the compositing thread and blocks while
@@ -23,9 +25,14 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from clock import FRAME_SAMPLES
+
+# Slots over which the face cross-fades from the last speech frame to the idle loop
+# after an underrun inside speech (3 x 40 ms, about the default model's mouth release).
+UNDERRUN_FADE_SLOTS = 3
 
 
 @dataclass
@@ -102,6 +109,8 @@ class PlayoutBuffer:
         self._history = history
         self._on_underrun = on_underrun
         self._playing = False  # inside a speech segment (no prebuffer wait)
+        self._last_video: np.ndarray | None = None  # video of the last unit with user audio
+        self._fade = 0  # idle slots left in the cross-fade after an underrun
         self._closed = False
         self.loop_pos = 0  # loop index of the next idle frame
         self.epoch = 0
@@ -179,17 +188,31 @@ class PlayoutBuffer:
             if unit is None:
                 if self._playing:
                     self.underruns += 1
+                    self._fade = UNDERRUN_FADE_SLOTS
                     if self._on_underrun is not None:
                         self._on_underrun()
                 self._playing = False
                 unit = self._make_idle()
+                if self._fade:
+                    unit.video = self._faded(unit)
             else:
                 self._playing = not unit.final
+                self._fade = 0
+                self._last_video = unit.video if unit.video_format == self._idle_format else None
                 self.loop_pos = (unit.loop_index + 1) % self._loop_length
         self._decided[slot] = unit
         self._next_slot = slot + 1
         while len(self._decided) > self._history:
             self._decided.popitem(last=False)
+
+    def _faded(self, idle: MediaUnit) -> np.ndarray:
+        """The idle frame mixed with the last speech frame, weight fading to 0."""
+        w = self._fade / (UNDERRUN_FADE_SLOTS + 1)
+        self._fade -= 1
+        last = self._last_video
+        if last is None or last.shape != idle.video.shape:
+            return idle.video
+        return cv2.addWeighted(last, w, idle.video, 1.0 - w, 0.0)
 
     def _make_idle(self) -> MediaUnit:
         index = self.loop_pos

@@ -87,3 +87,18 @@ def test_put_blocks_when_full_and_resumes_as_slots_play():
     t.join()
     assert p.queued == 2
     assert not p.put(unit(3), timeout=0.05)  # full: times out, not queued
+
+
+def test_underrun_inside_speech_eases_the_face_to_idle_instead_of_snapping():
+    from playout import UNDERRUN_FADE_SLOTS
+
+    idle = lambda i: np.zeros((6, 4), np.uint8)  # noqa: E731
+    buf = PlayoutBuffer(idle, 1, idle_format="yuv420p", prebuffer=1)
+    speech = MediaUnit(video=np.full((6, 4), 200, np.uint8), audio=np.ones(640, np.int16), loop_index=0,
+                       video_format="yuv420p")
+    buf.put(speech)
+    units = [buf.unit_for_slot(s) for s in range(UNDERRUN_FADE_SLOTS + 2)]
+    levels = [int(u.video.mean()) for u in units]
+    assert levels[0] == 200 and levels[-1] == 0
+    assert levels[1:-1] == sorted(levels[1:-1], reverse=True) and 0 < levels[-2] < levels[1] < 200
+    assert all(u.idle and not u.audio.any() for u in units[1:])  # silence meanwhile
