@@ -44,11 +44,14 @@ SAMPLE_EVERY_MS = 100
 IDLE_MS = 1500          # sampled with the mic off
 MIC_MS = 4000           # sampled with the mic on
 SETTLE_MS = 1500        # after the first frame: the video encoder's quality ramps up for ~1 s
-# Mean |difference| in the mouth box, grey levels: a talking mouth measures 25-45 from
-# the idle frame; a still one 0-0.1 between consecutive samples (up to ~0.9 while the
-# encoder's quality still ramps up).
-MOVING = 8.0
-STILL = 3.0
+# Motion = mean |difference| in the mouth box, grey levels, on BLUR x BLUR pixel averages
+# (a mouth opening is a large dark shape; codec artefacts are fine-grained). Measured
+# here: a talking mouth 30-40 from the idle frame (90th percentile over 4 s); a still
+# one 0-0.1 between consecutive samples, but a quality jump of the video encoder (a
+# blurrier keyframe when its bitrate drops, now and then on a busy machine) 2.6.
+BLUR = 4
+MOVING = 12.0
+STILL = 6.0
 
 # Samples the <video> every `every` ms for `ms` ms; returns the grey mouth box of each sample (base64).
 SAMPLE_JS = """async ({box, ms, every}) => {
@@ -140,6 +143,7 @@ def page(chromium, browser_server):
     pg = context.new_page()
     pg.goto(browser_server.url)
     yield pg
+    pg.evaluate("stop()")  # the server closes the session now (a killed page's lingers until ICE times out)
     context.close()
 
 
@@ -298,14 +302,18 @@ def _mouth_box(page) -> tuple[int, int, int, int]:
 
 
 def _sample(page, box, ms) -> np.ndarray:
+    """Grey mouth-box samples, averaged over BLUR x BLUR pixels (float32)."""
+    import cv2
+
     x1, y1, x2, y2 = box
     crops = page.evaluate(SAMPLE_JS, {"box": list(box), "ms": ms, "every": SAMPLE_EVERY_MS})
-    return np.stack([np.frombuffer(base64.b64decode(c), np.uint8).reshape(y2 - y1, x2 - x1) for c in crops])
+    grey = [np.frombuffer(base64.b64decode(c), np.uint8).reshape(y2 - y1, x2 - x1).astype(np.float32) for c in crops]
+    return np.stack([cv2.resize(g, None, fx=1 / BLUR, fy=1 / BLUR, interpolation=cv2.INTER_AREA) for g in grey])
 
 
 def _motion(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Mean |difference| (grey levels) of each frame's mouth box from ``reference``."""
-    return np.abs(frames.astype(np.float32) - reference.astype(np.float32)).mean(axis=(1, 2))
+    return np.abs(frames - reference).mean(axis=(1, 2))
 
 
 def _jitter(frames: np.ndarray) -> float:
@@ -314,7 +322,7 @@ def _jitter(frames: np.ndarray) -> float:
     (Consecutive, not from the first sample: the video encoder's quality ramps up
     after connecting and after motion, which shifts a still picture by ~1-2 grey levels.)
     """
-    return float(np.abs(np.diff(frames.astype(np.float32), axis=0)).mean(axis=(1, 2)).max())
+    return float(np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2)).max())
 
 
 def _events(page, source: str = "datachannel") -> list[dict]:
