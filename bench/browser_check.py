@@ -4,12 +4,14 @@ Run by hand (not part of the test suite: it needs Debian's ``chromium`` and the
 ``playwright`` Python package, neither of which the project installs)::
 
     apt-get install chromium && .venv/bin/pip install playwright
-    .venv/bin/python bench/browser_check.py [--out r.json] [--screenshot talking.png]
+    .venv/bin/python bench/browser_check.py [--mic webrtc|websocket] [--out r.json] [--screenshot talking.png]
 
 Starts ``app.py``, opens the page, presses Start, types a sentence and presses
-"Say it", then reads the browser's WebRTC stats: frames decoded, frame rate, packets
-lost, whether audio and video arrived in one MediaStream (so the browser lip-syncs
-them), and the mean jitter-buffer delay per track. Prints JSON.
+"Say it" (or, with ``--mic``, picks that microphone mode before Start and switches
+the mic on: Chromium's fake microphone plays ``--mic_wav``, looped), then reads the
+browser's WebRTC stats: frames decoded, frame rate, packets lost, whether audio and
+video arrived in one MediaStream (so the browser lip-syncs them), and the mean
+jitter-buffer delay per track, plus the page's event log. Prints JSON.
 """
 
 from __future__ import annotations
@@ -46,19 +48,24 @@ STATS_JS = """async () => {
 }"""
 
 
-async def run(chromium: str, seconds: float, screenshot: Path | None) -> dict:
+async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, mic_wav: Path) -> dict:
     from playwright.async_api import async_playwright
 
     srv = ServerProcess(Path(tempfile.mkdtemp()), "--model", "default", "--log_level", "WARNING")
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            browser = await p.chromium.launch(executable_path=chromium,
+                                              args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={mic_wav}"])
             page = await browser.new_page()
             await page.goto(srv.url)
+            await page.check(f'input[name="micmode"][value="{mic}"]')
             await page.click("#start")
             await page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=20000)
-            await page.fill("#text", "Hello from the browser. My lips move while I speak, in sync with my voice.")
-            await page.click("#say")
+            if mic == "off":
+                await page.fill("#text", "Hello from the browser. My lips move while I speak, in sync with my voice.")
+                await page.click("#say")
+            else:
+                await page.click("#mic")
             await asyncio.sleep(1.2)
             if screenshot:
                 await page.screenshot(path=str(screenshot))
@@ -68,13 +75,16 @@ async def run(chromium: str, seconds: float, screenshot: Path | None) -> dict:
                 "document.getElementById('video').srcObject.id === document.getElementById('audio').srcObject.id"
             )
             status = await page.inner_text("#status")
+            events = await page.evaluate("eventLog.filter(e => e.source === 'datachannel').map(e => e.type)")
+            await page.evaluate("stop()")
             await browser.close()
     finally:
         srv.stop()
     for s in stats.values():
         n = s.pop("jitterBufferEmittedCount") or 0
         s["mean_jitter_buffer_ms"] = round(1000 * s.pop("jitterBufferDelay") / n, 1) if n else None
-    return {"status": status, "one_media_stream": same_stream, "inbound": stats, "seconds": seconds}
+    return {"mic": mic, "status": status, "one_media_stream": same_stream, "inbound": stats, "events": events,
+            "seconds": seconds}
 
 
 def main() -> None:
@@ -82,9 +92,13 @@ def main() -> None:
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--seconds", type=float, default=6.0, help="how long to play before reading stats")
     ap.add_argument("--screenshot", type=Path)
+    ap.add_argument("--mic", choices=("off", "webrtc", "websocket"), default="off",
+                    help="speak into the page's microphone in this mode instead of typing")
+    ap.add_argument("--mic_wav", type=Path, default=ROOT.parent / "shared" / "media" / "yongen.wav",
+                    help="16-bit PCM WAV that Chromium's fake microphone plays")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    result = asyncio.run(run(args.chromium, args.seconds, args.screenshot))
+    result = asyncio.run(run(args.chromium, args.seconds, args.screenshot, args.mic, args.mic_wav))
     emit(result, args.out)
 
 
