@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
-import secrets
+import os
+import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -33,6 +32,7 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 import avatar as avatar_mod
 import events
 import ingest
+from api import HTTPError, error_middleware, ok, read_json, read_multipart
 from audio import AudioDecodeError, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
@@ -40,36 +40,13 @@ from clock import SAMPLE_RATE
 from config import parse_args, session_options
 from events import EventBus, attach_data_channel
 from metrics import Metrics
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, use_loopback_ice
+from security import AccessControl, limit_connections_per_address
+from sessions import Session, SessionRegistry
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, use_loopback_ice
 
 log = logging.getLogger("app")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-SESSION_ID_BYTES = 16  # 128-bit, unguessable (secrets.token_hex)
-
-
-class HTTPError(Exception):
-    """A client error answered as ``{"code": -1, "msg": msg}`` with ``status``."""
-
-    def __init__(self, status: int, msg: str) -> None:
-        super().__init__(msg)
-        self.status = status
-        self.msg = msg
-
-
-def ok(data: Any = None, **extra: Any) -> web.Response:
-    body: dict[str, Any] = {"code": 0, "msg": "ok", **extra}
-    if data is not None:
-        body["data"] = data
-    return web.json_response(body)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    try:
-        return await handler(request)
-    except HTTPError as e:
-        return web.json_response({"code": -1, "msg": e.msg}, status=e.status)
 
 
 def select_model(args) -> tuple[str, str]:
@@ -93,24 +70,14 @@ def select_model(args) -> tuple[str, str]:
     return "musetalk", f"weights at {args.models_dir} and CUDA device {torch.cuda.get_device_name(0)}"
 
 
-class Session:
-    """A peer connection, its worker and its event bus."""
-
-    def __init__(self, session_id: str, pc: RTCPeerConnection, worker: BaseReal, bus: EventBus) -> None:
-        self.id = session_id
-        self.pc = pc
-        self.worker = worker
-        self.bus = bus
-        self.closed = False
-
-
 class AvatarServer:
     """Owns the sessions, the shared avatar, model factory and TTS engine."""
 
     def __init__(self, args) -> None:
         self.args = args
         self.metrics = Metrics()
-        self.sessions: dict[str, Session] = {}
+        self.registry = SessionRegistry(args, self.metrics)
+        self.access = AccessControl(args.api_key, args.cors_origin)
         self.model_name, reason = select_model(args)
         log.info("model: %s (%s)", self.model_name, reason)
         self.avatar = self._load_avatar()
@@ -163,62 +130,59 @@ class AvatarServer:
         task.add_done_callback(self._tasks.discard)
 
     # -- sessions -------------------------------------------------------------------
-    def session(self, body: dict[str, Any]) -> Session:
+    def session(self, body: dict, request: web.Request, connected: bool = False) -> Session:
+        """The session a request names (``sessionid`` in ``body``), if the request may act
+        on it. Raises HTTPError 400 (no id), 404 (unknown), 401 (wrong token) or 409
+        (``connected`` required and the peer has not connected yet)."""
         sid = body.get("sessionid")
         if sid is None or sid == "":
             raise HTTPError(400, "missing 'sessionid'")
-        s = self.sessions.get(str(sid))
-        if s is None or s.closed:
+        s = self.registry.get(str(sid))
+        if s is None:
             raise HTTPError(404, f"unknown session '{str(sid)[:40]}'")
+        if not self.access.authorize_session(request, s):
+            raise HTTPError(401, "this session needs its token (or the API key) as 'Authorization: Bearer ...'")
+        if connected and not s.connected:
+            raise HTTPError(409, "the session's peer has not connected yet; speak once it has")
         return s
 
-    def session_of_query(self, request: web.Request) -> Session:
-        """The session named by ``?sessionid=`` (GET routes). Raises HTTPError 400/404."""
-        return self.session(dict(request.query))
-
-    async def close_session(self, session: Session) -> None:
-        if session.closed:
-            return
-        session.closed = True
-        self.sessions.pop(session.id, None)
-        self.metrics.sessions.set(len(self.sessions))
-        log.info("session %s closed (%d open)", session.id[:8], len(self.sessions))
-        await asyncio.get_running_loop().run_in_executor(None, session.worker.stop)
-        session.bus.close()
-        await session.pc.close()
-        self.metrics.remove(session.id)
-
-    async def _close_if_not_connected(self, session: Session) -> None:
-        await asyncio.sleep(self.args.connect_timeout)
-        if not session.closed and session.pc.connectionState != "connected":
-            log.warning("session %s never connected; closing", session.id[:8])
-            await self.close_session(session)
+    def session_of_query(self, request: web.Request, connected: bool = False) -> Session:
+        """The session named by ``?sessionid=`` (GET routes); as :meth:`session`."""
+        return self.session(dict(request.query), request, connected)
 
     # -- handlers -------------------------------------------------------------------
     async def offer(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
+        body = await read_json(request, self.args.request_timeout)
         sdp, kind = body.get("sdp"), body.get("type")
         if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             raise HTTPError(400, "expected {'sdp': <offer SDP string>, 'type': 'offer'}")
         mic = body.get("mic")
         if mic not in (None, "off", "lipsync"):
             raise HTTPError(400, f"'mic' must be 'lipsync' or 'off', got {str(mic)[:20]!r}")
-        if len(self.sessions) >= self.args.max_session:
-            raise HTTPError(503, f"server full: {len(self.sessions)}/{self.args.max_session} sessions")
-        sid = secrets.token_hex(SESSION_ID_BYTES)
+        try:
+            check_offer(sdp)
+        except ValueError as e:
+            raise HTTPError(400, f"bad offer: {e}") from e
+        address = request.remote or "?"
+        refusal = self.registry.admit(address)
+        if refusal is not None:
+            raise HTTPError(*refusal)
         tts = await self.tts()
-        bus = EventBus()
-        worker = BaseReal(sid, self._model_factory(), self.avatar, self.options, self.metrics.session(sid), tts, bus.publish)
         pc = RTCPeerConnection()
-        session = Session(sid, pc, worker, bus)
-        self.sessions[sid] = session
-        self.metrics.sessions.set(len(self.sessions))
+        bus = EventBus()
+        session = Session(pc, None, bus, address)  # type: ignore[arg-type]
+        sid = session.id
+        session.worker = BaseReal(sid, self._model_factory(), self.avatar, self.options, self.metrics.session(sid),
+                                  tts, bus.publish)
+        self.registry.add(session)
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
             log.info("session %s: %s", sid[:8], pc.connectionState)
-            if pc.connectionState in ("failed", "closed"):
-                await self.close_session(session)
+            if pc.connectionState == "connected":
+                self.registry.on_connected(session)
+            elif pc.connectionState in ("failed", "closed"):
+                await self.registry.close(session, "ice_failed" if pc.connectionState == "failed" else "peer_closed")
 
         @pc.on("datachannel")
         def on_datachannel(channel) -> None:
@@ -229,29 +193,26 @@ class AvatarServer:
         def on_track(track) -> None:
             # The microphone as live speech; any other incoming track is drained unused.
             use = track.kind == "audio" and mic == "lipsync"
-            self._background(ingest.MicrophoneIngest(worker, track).run() if use else drain(track))
+            self._background(ingest.MicrophoneIngest(session.worker, track).run() if use else drain(track))
 
         try:
             if mic == "lipsync":  # answer the page's sendrecv audio transceiver
-                pc.addTransceiver(AvatarAudioTrack(worker), direction="sendrecv")
+                pc.addTransceiver(AvatarAudioTrack(session.worker), direction="sendrecv")
             else:
-                pc.addTrack(AvatarAudioTrack(worker))
-            pc.addTrack(AvatarVideoTrack(worker))
+                pc.addTrack(AvatarAudioTrack(session.worker))
+            pc.addTrack(AvatarVideoTrack(session.worker))
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:  # malformed SDP and friends
-            await self.close_session(session)
-            raise HTTPError(400, f"bad offer: {e}") from e
-        worker.start()
-        self._background(self._close_if_not_connected(session))
-        log.info("session %s opened (%d open)", sid[:8], len(self.sessions))
-        return web.json_response(
-            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "sessionid": sid, "code": 0}
-        )
+        except Exception as e:  # what check_offer cannot see
+            await self.registry.close(session, "bad_offer")
+            raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
+        log.info("session %s offered from %s (%d open)", sid[:8], address, len(self.registry))
+        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type,
+                                  "sessionid": sid, "token": session.token, "code": 0})
 
     async def human(self, request: web.Request) -> web.Response:
-        body = await read_json(request)
-        session = self.session(body)
+        body = await read_json(request, self.args.request_timeout)
+        session = self.session(body, request, connected=True)
         text, kind = body.get("text"), body.get("type", "echo")
         if kind != "echo":
             raise HTTPError(400, f"type '{kind}' is not supported (no LLM is configured); use 'echo'")
@@ -270,25 +231,9 @@ class AvatarServer:
         return ok(utterance=utterance)
 
     async def humanaudio(self, request: web.Request) -> web.Response:
-        if not request.content_type.startswith("multipart/"):
-            raise HTTPError(400, "expected multipart/form-data with fields 'sessionid' and 'file'")
         limit = int(self.args.max_upload_mb * 1024 * 1024)
-        fields: dict[str, Any] = {}
-        try:
-            reader = await request.multipart()
-            async for part in reader:
-                if part.name == "file":
-                    data = bytearray()
-                    while chunk := await part.read_chunk(1 << 16):
-                        data.extend(chunk)
-                        if len(data) > limit:
-                            raise HTTPError(413, f"upload exceeds {self.args.max_upload_mb:g} MB")
-                    fields["file"] = bytes(data)
-                elif part.name in ("sessionid", "interrupt"):
-                    fields[part.name] = (await part.text())[:200]
-        except (ValueError, AssertionError) as e:
-            raise HTTPError(400, f"malformed multipart body: {e}") from e
-        session = self.session(fields)
+        fields = await read_multipart(request, {"file": limit}, self.args.request_timeout)
+        session = self.session(fields, request, connected=True)
         if not fields.get("file"):
             raise HTTPError(400, "missing or empty 'file' field")
         loop = asyncio.get_running_loop()
@@ -309,15 +254,15 @@ class AvatarServer:
         return ok(duration_s=round(len(pcm) / SAMPLE_RATE, 3), utterance=utterance)
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        return await ingest.websocket(request, self.session_of_query(request))
+        return await ingest.websocket(request, self.session_of_query(request, connected=True))
 
     async def interrupt_talk(self, request: web.Request) -> web.Response:
-        session = self.session(await read_json(request))
+        session = self.session(await read_json(request, self.args.request_timeout), request)
         session.worker.interrupt()
         return ok()
 
     async def is_speaking(self, request: web.Request) -> web.Response:
-        session = self.session(await read_json(request))
+        session = self.session(await read_json(request, self.args.request_timeout), request)
         return ok(data=session.worker.is_speaking())
 
     async def status(self, request: web.Request) -> web.Response:
@@ -327,7 +272,10 @@ class AvatarServer:
                 "avatar_id": self.args.avatar_id,
                 "latency_mode": self.args.latency_mode,
                 "max_session": self.args.max_session,
-                "sessions": {sid[:8]: s.worker.status() for sid, s in self.sessions.items()},
+                "pending": self.registry.pending(),
+                "closed": self.metrics.closed_reasons,
+                "sessions": {sid[:8]: {"connected": s.connected, **s.worker.status()}
+                             for sid, s in self.registry.sessions.items()},
             }
         )
 
@@ -347,7 +295,7 @@ class AvatarServer:
         self._background(self.tts())  # load the voice now, not on the first /offer
 
     async def on_shutdown(self, app: web.Application) -> None:
-        await asyncio.gather(*(self.close_session(s) for s in list(self.sessions.values())))
+        await self.registry.close_all("shutdown")
 
 
 async def drain(track) -> None:
@@ -359,21 +307,10 @@ async def drain(track) -> None:
     await sink.start()
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body. Raises HTTPError(400) when malformed."""
-    try:
-        body = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HTTPError(400, f"malformed JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise HTTPError(400, "JSON body must be an object")
-    return body
-
-
 def build_app(args) -> web.Application:
     """The aiohttp application for ``args`` (see config.parse_args)."""
     server = AvatarServer(args)
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[error_middleware, server.access.middleware], client_max_size=1024 * 1024)
     app["server"] = server
     app.router.add_post("/offer", server.offer)
     app.router.add_post("/human", server.human)
@@ -398,17 +335,37 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+async def serve(app: web.Application, args) -> None:
+    """Listen until SIGINT/SIGTERM, with the slow-client and per-address limits."""
+    runner = web.AppRunner(app, keepalive_timeout=args.request_timeout)
+    await runner.setup()
+    limit_connections_per_address(runner.server, args.max_connections_per_address)
+    site = web.TCPSite(runner, args.listen, args.port)
+    await site.start()
+    log.info("listening on http://%s:%d", args.listen, args.port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.api_key = args.api_key or os.environ.get("API_KEY") or None
     if is_loopback(args.listen):
         use_loopback_ice()
+    elif args.api_key is None:
+        log.warning("listening on %s without --api_key: anyone who can reach this port can open sessions "
+                    "and make the avatar say anything", args.listen)
     try:
         app = build_app(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    log.info("listening on http://%s:%d", args.listen, args.port)
-    web.run_app(app, host=args.listen, port=args.port, print=None)
+    asyncio.run(serve(app, args))
 
 
 if __name__ == "__main__":

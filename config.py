@@ -80,7 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_audio_seconds", type=float, default=120.0, help="pushed audio a session may queue")
     p.add_argument("--max_upload_mb", type=float, default=32.0, help="largest /humanaudio upload")
     p.add_argument("--max_text_chars", type=int, default=2000, help="longest /human text")
-    p.add_argument("--connect_timeout", type=float, default=30.0, help="close sessions not connected by then (s)")
+    p.add_argument("--connect_timeout", type=float, default=5.0, help="drop a session whose peer has not connected by then (s)")
+    p.add_argument("--max_pending", type=int, default=4, help="sessions whose peer is still connecting, in all")
+    p.add_argument("--max_pending_per_address", type=int, default=2, help="sessions still connecting per client address")
+    p.add_argument("--peer_timeout", type=float, default=4.0,
+                   help="close a connected session after this long without RTCP from its peer (s; 0: never)")
+    p.add_argument("--request_timeout", type=float, default=10.0,
+                   help="a client must send a request's head, and its body, within this long (s)")
+    p.add_argument("--max_connections_per_address", type=int, default=64, help="open HTTP connections per client address")
+    p.add_argument("--api_key", help="require 'Authorization: Bearer <key>' (default: $API_KEY; none: no access control)")
+    p.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
+                   help="an origin (scheme://host[:port]) allowed to call the API from its pages; repeatable")
     p.add_argument("--log_level", default="INFO")
     return p
 

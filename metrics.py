@@ -46,6 +46,8 @@ class Metrics:
             registry=r,
         )
         self.sessions = Gauge("avatar_sessions", "Open sessions", registry=r)
+        self.closed = Counter("avatar_sessions_closed", "Sessions closed, by reason", ["reason"], registry=r)
+        self.closed_reasons: dict[str, int] = {}
         self._per_session = (
             self.video_frames,
             self.speech_frames,
@@ -72,6 +74,11 @@ class Metrics:
                 self.stage_latency.remove(session_id, stage)
             except KeyError:
                 pass
+
+    def session_closed(self, reason: str) -> None:
+        """Count a closed session: peer_closed, ice_failed, connect_timeout, peer_silent, shutdown, bad_offer."""
+        self.closed.labels(reason).inc()
+        self.closed_reasons[reason] = self.closed_reasons.get(reason, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

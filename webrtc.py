@@ -122,6 +122,43 @@ class AvatarAudioTrack(_SessionTrack):
         return frame
 
 
+MAX_SDP_BYTES = 64 * 1024  # an offer with a few m-lines and all its candidates is ~3-10 KB
+
+
+def check_offer(sdp: str) -> None:
+    """Refuse an offer that can never connect, before any session is made for it.
+
+    Checks (RFC 8829/8839 requirements a non-trickle offer must meet): size at most
+    MAX_SDP_BYTES; parses; a DTLS fingerprint for every media section; an ICE
+    username fragment; at least one UDP candidate (the offer carries its candidates:
+    no trickle on ``/offer``); at least one audio or video section that can receive
+    (``recvonly`` or ``sendrecv``).
+
+    Raises:
+        ValueError: with what is wrong, in words a client developer can act on.
+    """
+    from aiortc.sdp import SessionDescription
+
+    if len(sdp) > MAX_SDP_BYTES:
+        raise ValueError(f"offer of {len(sdp)} bytes exceeds {MAX_SDP_BYTES}")
+    try:
+        desc = SessionDescription.parse(sdp)
+    except Exception as e:  # aiortc's parser raises ValueError, KeyError, IndexError...
+        raise ValueError(f"unparseable SDP ({type(e).__name__}: {str(e)[:80]})") from e
+    media = [m for m in desc.media if m.kind in ("audio", "video")]
+    if not media:
+        raise ValueError("the offer has no audio or video section")
+    if not any(m.direction in ("recvonly", "sendrecv") for m in media):
+        raise ValueError("the offer receives neither audio nor video (no recvonly/sendrecv section)")
+    for m in media:
+        if m.dtls is None or not m.dtls.fingerprints:
+            raise ValueError(f"the {m.kind} section has no a=fingerprint (or no a=setup): DTLS cannot be set up")
+        if m.ice is None or not m.ice.usernameFragment:
+            raise ValueError(f"the {m.kind} section has no a=ice-ufrag")
+    if not any(c.protocol.lower() == "udp" for m in media for c in m.ice_candidates):
+        raise ValueError("the offer has no UDP ICE candidate (gather candidates before sending the offer)")
+
+
 def use_loopback_ice() -> None:
     """Make aiortc offer 127.0.0.1 as its host candidate.
 
