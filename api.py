@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,6 @@ async def read_multipart(request: web.Request, files: dict[str, int], timeout: f
         raise
     except LookupError as e:
         raise HTTPError(400, f"unknown charset in a part: {str(e)[:80]}") from e
-    except (ValueError, AssertionError, RuntimeError) as e:  # includes UnicodeDecodeError
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:  # incl. UnicodeDecodeError, bad part headers
         raise HTTPError(400, f"malformed multipart body: {str(e)[:120] or type(e).__name__}") from e
     return fields

@@ -82,8 +82,10 @@ class Received:
 class AvatarClient:
     """Connects to a server, receives both tracks and drives the HTTP API."""
 
-    def __init__(self, base_url: str, keep_media: bool = True) -> None:
+    def __init__(self, base_url: str, keep_media: bool = True, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key  # sent with the offer; the session's token with everything after
+        self.token: str | None = None
         self.keep_media = keep_media  # False: only count frames and arrival times (load tests)
         self.pc = RTCPeerConnection()
         self.http: aiohttp.ClientSession | None = None
@@ -126,6 +128,7 @@ class AvatarClient:
         if answer.get("code", 0) != 0:
             raise RuntimeError(f"offer refused: {answer.get('msg')}")
         self.sessionid = answer["sessionid"]
+        self.token = answer.get("token")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         for receiver in self.pc.getReceivers():
             if receiver.track is not None and receiver.track.kind == "audio":
@@ -153,9 +156,13 @@ class AvatarClient:
         if self.http is not None:
             await self.http.close()
 
+    def _auth(self) -> dict[str, str]:
+        credential = self.token if (self.token and self.api_key) else self.api_key
+        return {"Authorization": f"Bearer {credential}"} if credential else {}
+
     async def post(self, path: str, body: dict) -> dict:
         assert self.http is not None
-        async with self.http.post(self.base_url + path, json=body) as r:
+        async with self.http.post(self.base_url + path, json=body, headers=self._auth()) as r:
             return await r.json()
 
     async def say(self, text: str, interrupt: bool = False) -> dict:
@@ -170,7 +177,7 @@ class AvatarClient:
     async def open_ws(self) -> aiohttp.ClientWebSocketResponse:
         """Open the session's ``/ws``; its events are collected in :attr:`events`."""
         assert self.http is not None
-        self.ws = await self.http.ws_connect(f"{self.base_url}/ws?sessionid={self.sessionid}")
+        self.ws = await self.http.ws_connect(f"{self.base_url}/ws?sessionid={self.sessionid}", headers=self._auth())
 
         async def read() -> None:
             async for msg in self.ws:
@@ -227,7 +234,7 @@ class AvatarClient:
         form = aiohttp.FormData()
         form.add_field("sessionid", self.sessionid)
         form.add_field("file", data, filename=filename)
-        async with self.http.post(self.base_url + "/humanaudio", data=form) as r:
+        async with self.http.post(self.base_url + "/humanaudio", data=form, headers=self._auth()) as r:
             return await r.json()
 
     async def push_audio_file(self, path: str | Path) -> dict:
@@ -382,6 +389,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(workdir) / f"server-{self.port}.log"
+        self.args = args
         cmd = [sys.executable, str(root / "app.py"), "--port", str(self.port),
                "--avatars_dir", str(Path(workdir) / "avatars"), "--tts", "espeak", *args]
         self._logf = open(self.log, "w")
@@ -399,7 +407,10 @@ class ServerProcess:
         raise RuntimeError("server did not start")
 
     def status(self) -> dict:
-        with urllib.request.urlopen(self.url + "/status", timeout=5) as r:
+        request = urllib.request.Request(self.url + "/status")
+        if "--api_key" in self.args:
+            request.add_header("Authorization", "Bearer " + self.args[self.args.index("--api_key") + 1])
+        with urllib.request.urlopen(request, timeout=5) as r:
             return json.loads(r.read())
 
     def stop(self) -> None:
