@@ -339,25 +339,36 @@ ALL_FINISHED_JS = """() => {
 }"""
 
 
+def _wait(page, js: str, timeout_ms: int, what: str, server) -> None:
+    """page.wait_for_function, failing with the page's state and the server log's path."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(js, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        state = page.evaluate("""() => ({status: document.getElementById('status').textContent,
+            micstate: document.getElementById('micstate').textContent, ws: ws && ws.readyState,
+            pc: pc && pc.connectionState, channel: channel && channel.readyState,
+            events: eventLog.map(e => `${e.source}:${e.type}:${e.utterance}`)})""")
+        pytest.fail(f"{what}: not within {timeout_ms} ms; page: {state}; server log: {server.log}")
+
+
 def _mic_moves_mouth(page, mode: str, server) -> dict:
     t0 = time.monotonic()
     _connect(page, mode)
     box = _mouth_box(page)
     idle = _sample(page, box, IDLE_MS)
     page.click("#mic")
-    page.wait_for_function("mic.on", timeout=5000)
+    _wait(page, "mic.on", 10000, f"{mode} mic on", server)
     page.evaluate("window.levels = []; window.levelTimer = setInterval(() => levels.push(mic.level), 100)")
     talking = _sample(page, box, MIC_MS)
     page.screenshot(path=str(SCREENSHOT_DIR / f"browser-{mode}.png"), full_page=True)
     level = page.evaluate("clearInterval(levelTimer); Math.max(...levels)")  # loudest meter reading, dBFS
     speaking_seen = [e["type"] for e in _events(page)]
     page.click("#mic")
-    page.wait_for_function("!mic.on", timeout=5000)
-    try:  # switching the mic off ends the utterance: what was sent plays out, then playback_finished
-        page.wait_for_function(ALL_FINISHED_JS, timeout=8000)
-        finished = True
-    except Exception:  # playwright's TimeoutError; reported below
-        finished = False
+    _wait(page, "!mic.on", 10000, f"{mode} mic off", server)
+    # Switching the mic off ends the utterance: what was sent plays out, then playback_finished.
+    _wait(page, ALL_FINISHED_JS, 8000, f"{mode} mic off: playback_finished for every utterance", server)
     moving = _motion(talking, idle[-1])
     report = {"mode": mode, "idle_jitter": round(_jitter(idle), 2), "talking_p90": round(float(np.percentile(moving, 90)), 1),
               "level_max_dbfs": round(level, 1), "events": speaking_seen, "events_after_off": [e["type"] for e in _events(page)],
@@ -368,7 +379,6 @@ def _mic_moves_mouth(page, mode: str, server) -> dict:
     assert report["idle_jitter"] < STILL, f"mouth moved before the mic was on: {where}"
     assert report["talking_p90"] > MOVING, f"mouth did not move with the {mode} mic: {where}"
     assert "playback_started" in speaking_seen, f"no playback_started event while the mic was on: {where}"
-    assert finished, f"mic off, but an utterance never got playback_finished: {where}"
     assert level > -40, f"level meter below -40 dBFS all the time the mic was on: {where}"
     return report
 
