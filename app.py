@@ -33,7 +33,7 @@ import avatar as avatar_mod
 import events
 import ingest
 from api import HTTPError, error_middleware, ok, read_json, read_multipart
-from audio import AudioDecodeError, decode_audio
+from audio import AudioDecodeError, AudioTooLong, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
 from clock import SAMPLE_RATE
@@ -241,6 +241,8 @@ class AvatarServer:
             pcm = await loop.run_in_executor(
                 None, decode_audio, fields["file"], self.args.max_audio_seconds
             )
+        except AudioTooLong as e:
+            raise HTTPError(413, str(e)) from e
         except AudioDecodeError as e:
             raise HTTPError(400, f"cannot decode audio: {e}") from e
         if fields.get("interrupt", "").lower() in ("1", "true", "yes"):
