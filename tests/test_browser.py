@@ -418,3 +418,43 @@ def test_say_it_interrupt_and_upload_without_a_mic(page, browser_server, speech_
     page.set_input_files("#file", str(speech_wav))
     page.click("#send")
     page.wait_for_function("/utterance \\d+ queued/.test(document.getElementById('status').textContent)", timeout=5000)
+
+
+API_KEY = "browser-test-key"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    _require_browser()
+    from client import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("srvkey"), "--model", "default", "--api_key", API_KEY)
+    yield srv
+    srv.stop()
+
+
+def test_page_with_an_api_key(chromium, keyed_server):
+    """--api_key: the page sends the key with the offer, then the session's token (header,
+    and ?token= on /ws); without the key the offer is refused and the page says so."""
+    context = chromium.new_context()
+    page = context.new_page()
+    try:
+        page.goto(keyed_server.url)
+        page.check('input[name="micmode"][value="websocket"]')
+        page.click("#start")
+        _wait(page, "/error/.test(document.getElementById('status').textContent)", 10000, "refusal shown", keyed_server)
+        assert "api key" in page.inner_text("#status").lower()
+        page.click("#keybox summary")
+        page.fill("#apikey", API_KEY)
+        page.click("#start")
+        _wait(page, "pc && pc.connectionState === 'connected' && ws && ws.readyState === 1", 20000, "connected", keyed_server)
+        page.click("#say")
+        _wait(page, "/utterance \\d+ queued/.test(document.getElementById('status').textContent)", 5000, "Say it", keyed_server)
+        page.click("#mic")
+        _wait(page, "eventLog.some(e => e.source === 'ws' && e.type === 'playback_started')", 10000,
+              "events on /ws (opened with ?token=)", keyed_server)
+        page.click("#mic")
+        _wait(page, ALL_FINISHED_JS, 15000, "playback_finished for every utterance", keyed_server)
+        page.evaluate("stop()")
+    finally:
+        context.close()
