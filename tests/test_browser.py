@@ -5,8 +5,12 @@ Chromium's fake capture device plays a speech WAV as the microphone
 page, picks the mode, presses Start, samples the <video> into a canvas around the
 mouth while the mic is off (the default avatar idles on a still portrait), switches
 the mic on and samples again: the mouth must move clearly with the mic and stay
-nearly still before, and the page's event log must show the server's
-``playback_started``. Screenshots go to /tmp/browser-<mode>.png.
+nearly still before, the page's event log must show the server's
+``playback_started``, and switching the mic off must finish every utterance.
+Screenshots go to /tmp/browser-<mode>.png. Also here: the page's CRC-32 and framing
+against zlib, the AudioWorklet's 20 ms chunks, the socket protocol against a stub,
+the older controls (Say it, Interrupt, upload) and a server with ``--api_key``.
+About 40 s in all on 2 cores.
 
 Needs Debian's chromium and the playwright package (never a downloaded browser);
 the tests skip without them.
