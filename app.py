@@ -256,7 +256,7 @@ class AvatarServer:
         return ok(duration_s=round(len(pcm) / SAMPLE_RATE, 3), utterance=utterance)
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        return await ingest.websocket(request, self.session_of_query(request, connected=True))
+        return await ingest.websocket(request, self.session_of_query(request))
 
     async def interrupt_talk(self, request: web.Request) -> web.Response:
         session = self.session(await read_json(request, self.args.request_timeout), request)

@@ -201,12 +201,16 @@ class LiveUtterance:
 class StreamIngest:
     """The per-socket state machine behind ``GET /ws`` (independent of aiohttp).
 
-    ``reply(event)`` sends an event to this socket only (errors about its messages).
+    ``reply(event)`` sends an event to this socket only (errors about its messages);
+    ``ready()`` says whether the session's peer has connected (before that, speech is
+    refused with an error: nothing would be rendered for anybody).
     """
 
-    def __init__(self, worker: "BaseReal", reply: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, worker: "BaseReal", reply: Callable[[dict[str, Any]], None],
+                 ready: Callable[[], bool] = lambda: True) -> None:
         self.worker = worker
         self.reply = reply
+        self.ready = ready
         self.utterance: LiveUtterance | None = None
 
     def error(self, msg: str, seq: int | None = None) -> None:
@@ -230,6 +234,8 @@ class StreamIngest:
                 fmt = parse_start(msg)
             except ValueError as e:
                 return self.error(f"bad start: {e}")
+            if not self.ready():
+                return self.error("the session's peer has not connected yet: start again once it has")
             await self.close_utterance()
             if fmt.interrupt:
                 self.worker.interrupt()
@@ -285,12 +291,14 @@ class StreamIngest:
 async def websocket(request: web.Request, session: Any) -> web.WebSocketResponse:
     """``GET /ws?sessionid=``: live audio in, the session's events out (see module doc).
 
-    ``session`` was looked up before the upgrade (an unknown id is answered 4xx there).
+    ``session`` was looked up before the upgrade (an unknown id or a wrong token is
+    answered 4xx there). The socket may open before the peer has connected; a
+    ``start`` is refused with an ``error`` event until it has.
     """
     ws = web.WebSocketResponse(max_msg_size=MAX_BINARY_BYTES, heartbeat=WS_HEARTBEAT_S)
     await ws.prepare(request)
     sub = session.bus.subscribe()
-    ingest = StreamIngest(session.worker, sub.put)
+    ingest = StreamIngest(session.worker, sub.put, ready=lambda: session.connected)
 
     async def send_events() -> None:
         async for event in sub:

@@ -188,14 +188,17 @@ def test_speech_before_the_peer_connects_is_409_and_renders_nothing(hostile):
         sid = answer["sessionid"]
         st_h, body_h, _ = await raw(hostile.url, "POST", "/human", json={"sessionid": sid, "text": "hello", "type": "echo"})
         async with aiohttp.ClientSession() as http:
-            async with http.get(f"{hostile.url}/ws?sessionid={sid}") as r:
-                st_ws = r.status
+            ws = await http.ws_connect(f"{hostile.url}/ws?sessionid={sid}")
+            await ws.send_json({"type": "start"})
+            await ws.send_bytes(b"\x00\x00" * 320)
+            st_ws = [json.loads((await ws.receive(timeout=2)).data) for _ in range(2)]
+            await ws.close()
         status = (await raw(hostile.url, "GET", "/status"))[1]
         return st_h, body_h, st_ws, status["sessions"][sid[:8]]
 
     st_h, body_h, st_ws, session = run(go())
     assert st_h == 409 and "not connected" in body_h["msg"]
-    assert st_ws == 409
+    assert [e["type"] for e in st_ws] == ["error", "error"] and "not connected" in st_ws[0]["msg"]
     assert session["connected"] is False and session["frames_sent"] == 0
 
 
