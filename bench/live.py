@@ -72,6 +72,13 @@ def loud_blocks(c: AvatarClient, first: int) -> list[int]:
     return [i for i in range(first, len(rec.audio)) if np.sqrt(np.mean(rec.audio[i] ** 2)) > SPEECH_RMS]
 
 
+async def ready(c: AvatarClient) -> None:
+    """Connected, /ws open, and 1 s of idle media received."""
+    await asyncio.wait_for(c.first_video.wait(), 20)
+    await c.open_ws()
+    await asyncio.sleep(1.0)
+
+
 async def quiet(c: AvatarClient, utterances: int, timeout: float = 15.0) -> None:
     """Wait for the ``utterances``-th playback_finished, then 0.4 s."""
     end = time.monotonic() + timeout
@@ -86,9 +93,7 @@ async def bench_first_audio(url: str, trials: int) -> dict:
     for name, fmt in FORMATS.items():
         below, after, started = [], [], []
         async with AvatarClient(url) as c:
-            await asyncio.wait_for(c.first_video.wait(), 20)
-            await c.open_ws()
-            await asyncio.sleep(1.0)
+            await ready(c)
             for k, pcm in enumerate(clips):
                 first = len(c.received.audio)
                 sent = await c.stream_audio(pcm, **fmt)
@@ -115,9 +120,7 @@ async def bench_interrupt(url: str, trials: int) -> dict:
     clips = speech_clips(trials, 3.0)
     tails, tails_after = [], []
     async with AvatarClient(url) as c:
-        await asyncio.wait_for(c.first_video.wait(), 20)
-        await c.open_ws()
-        await asyncio.sleep(1.0)
+        await ready(c)
         for k, pcm in enumerate(clips):
             first = len(c.received.audio)
             producer = asyncio.ensure_future(c.stream_audio(pcm, **FORMATS["16k_s16le_20ms_raw"], end=False))

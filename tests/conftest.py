@@ -113,6 +113,16 @@ def speech_input():
     return "text", "Hello there. I am the default avatar, and my lips move when I speak. This is a test of the streaming server."
 
 
+def wait_for(cond, timeout=5.0):
+    """Poll ``cond()`` every 10 ms until it holds; False after ``timeout`` s (tests only)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
 async def wait_until(pred, timeout):
     """Poll the async predicate every 100 ms until it holds; False after ``timeout`` s."""
     end = time.monotonic() + timeout

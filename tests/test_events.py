@@ -3,7 +3,6 @@ tracker driven by a real session worker whose slots are sent as the audio track 
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from basereal import BaseReal, SessionOptions
 from events import EventBus, PlaybackTracker
 from metrics import Metrics
-from conftest import FakeAvatar, FakeModel, tone
+from conftest import FakeAvatar, FakeModel, tone, wait_for
 
 
 # -- the bus -----------------------------------------------------------------------------------
@@ -69,15 +68,6 @@ def send_slots(worker, first_chunk, n_chunks):
         out.append(unit.audio[part * 320 : (part + 1) * 320] if audible else np.zeros(320, np.int16))
         worker.playback.on_chunk(unit, part, audible, chunk)
     return np.concatenate(out)
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)  # test polling only
-    return False
 
 
 def test_streamed_utterance_events_in_order_with_full_position():

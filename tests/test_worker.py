@@ -4,7 +4,7 @@ import numpy as np
 
 from basereal import BaseReal, SessionOptions
 from metrics import Metrics
-from conftest import FakeAvatar, FakeModel, tone
+from conftest import FakeAvatar, FakeModel, tone, wait_for
 
 
 def make_worker(model, **opts):
@@ -16,15 +16,6 @@ def make_worker(model, **opts):
 def drain(worker, slots, start=0):
     """Play `slots` slots as both tracks would (no wall-clock pacing)."""
     return [worker.playout.unit_for_slot(s) for s in range(start, start + slots)]
-
-
-def wait_for(cond, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)  # test polling only
-    return False
 
 
 def test_speech_reaches_playout_with_audio_intact_and_no_model_call_in_silence():
