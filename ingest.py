@@ -41,7 +41,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from audio import PCM_FORMATS, StreamResampler, pcm_to_mono
-from baseasr import VAD_THRESHOLD_DBFS, SpeechQueueFull
+from baseasr import UTTERANCE_ABANDON_S, VAD_THRESHOLD_DBFS, SpeechQueueFull
 from clock import CHUNK_MS, SAMPLE_RATE
 
 if TYPE_CHECKING:
@@ -271,7 +271,8 @@ class StreamIngest:
         if utt.interrupted:
             if not utt.told_interrupted:
                 utt.told_interrupted = True
-                self.error(f"utterance {utt.id} was interrupted: its further audio is dropped; send start for new speech", seq)
+                self.error(f"utterance {utt.id} has finished (interrupted, or closed after {UTTERANCE_ABANDON_S:g} s "
+                           "without audio): its further audio is dropped; send start for new speech", seq)
             return
         if len(payload) > utt.format.max_payload:
             return self.error(f"message carries more than {MAX_MESSAGE_S:g} s of audio; dropped", seq)
