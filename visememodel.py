@@ -39,8 +39,30 @@ __all__ = [
 # SAMPLE_RATE = 16000 Hz, CHUNK_SAMPLES = 320 (20 ms), FRAME_SAMPLES = 640 (40 ms,
 # one 25 fps video frame): imported from clock.py.
 
-CONTEXT_WEIGHT = 0.3  # weight of a context sample (vs 1 for the frame's own 40 ms) in the level
-SPEC_SAMPLES = 768  # 48 ms Hann window centred on the frame, for the spectrum
+# The level window. Frame s is shown from its pts (s x 40 ms) for 40 ms, and the A/V
+# offset (``client.av_offset``, docs/benchmarks.md "A/V offset across voices")
+# compares the mouth at each frame's pts with the audio RMS centred on the same
+# instant. The level is a weighted RMS over a fixed kernel centred LEVEL_CENTRE_MS
+# after the frame's start: weight 1 within LEVEL_CORE_MS / 2 of the centre,
+# CONTEXT_WEIGHT for a further LEVEL_CONTEXT_MS on each side (smoother than a bare
+# 40 ms window), 0 beyond; the spectral window (SPEC_SAMPLES) has the same centre.
+# The kernel does not depend on the context a latency preset gives (it spans
+# [LEVEL_CENTRE_MS - 40, LEVEL_CENTRE_MS + 40) ms = [-35, 45) ms from the frame start,
+# inside every preset's window; with less context it is cut, not padded).
+# Calibration (issue #7, bench/av_offset.py, docs/benchmarks.md): with the centre at
+# the frame's middle (20 ms) the mouth read ~10 ms early offline and 10-15 ms early
+# at an aiortc client on every voice tried: the centre leads it by 20 ms, the
+# attack/release smoothing delays it by ~10 ms, and the Opus path delays the audio a
+# client receives by 6.5 ms. The offset moves 1 ms later per 1 ms earlier centre,
+# the same on every clip; 5 ms puts the tuning clips (yongen, sun, piper joe, espeak
+# en-us) at about +4 ms offline and -2 ms at the client. (A frame is seen for 40 ms
+# after its pts: with frames held rather than sampled, the same clips read ~19 ms
+# more, i.e. the mouth ~17 ms after the sound; a centre of 15 ms reads ~-12 / +7.)
+LEVEL_CENTRE_MS = 5.0  # level / spectrum window centre, ms after the frame's start (pts)
+LEVEL_CORE_MS = 40.0  # full-weight span of the level kernel (ms)
+LEVEL_CONTEXT_MS = 20.0  # CONTEXT_WEIGHT span on each side of the core (ms)
+CONTEXT_WEIGHT = 0.3  # weight of a context sample (vs 1 in the core) in the level
+SPEC_SAMPLES = 768  # 48 ms Hann window centred on LEVEL_CENTRE_MS, for the spectrum
 N_FFT = 1024  # rFFT size: 15.6 Hz bins
 # Band edges (Hz): F0 and the F1 of close vowels (< 300), the F1 range of the other
 # vowels (300-1000), F2 (1000-2500), frication noise and upper formants (> 2500).
@@ -59,12 +81,17 @@ N_FEATURES = len(FEATURE_NAMES)
 SILENCE_DBFS = -100.0  # level of an all-zero window (power floor 1e-10)
 
 
-@lru_cache(maxsize=8)
-def _level_weights(n: int, lookbehind: int, lookahead: int) -> np.ndarray:
-    """float32 (n,) weights, summing to 1: 1 on the frame's samples, CONTEXT_WEIGHT on context."""
-    w = np.full(n, CONTEXT_WEIGHT, np.float32)
-    w[lookbehind:n - lookahead] = 1.0
-    return w / w.sum()
+@lru_cache(maxsize=16)
+def _level_weights(n: int, lookbehind: int, centre_ms: float, core_ms: float, context_ms: float,
+                   context_weight: float) -> np.ndarray:
+    """float32 (n,) weights, summing to 1, for a window of n samples that starts
+    ``lookbehind`` samples before the frame: 1 within core_ms / 2 of the point
+    centre_ms after the frame start, context_weight within a further context_ms on
+    each side, 0 beyond (uniform if nothing of the kernel lies in the window)."""
+    d = np.abs((np.arange(n) - lookbehind + 0.5) * (1000.0 / SAMPLE_RATE) - centre_ms)
+    w = np.where(d < core_ms / 2, 1.0, np.where(d < core_ms / 2 + context_ms, context_weight, 0.0))
+    total = w.sum()
+    return (w / total if total > 0 else np.full(n, 1.0 / max(n, 1))).astype(np.float32)
 
 
 @lru_cache(maxsize=1)
@@ -91,24 +118,29 @@ def audio_features(window: np.ndarray, lookbehind_samples: int, lookahead_sample
 
     window: float32 (samples,) at 16 kHz, full scale +-1, covering
     ``[frame_start - lookbehind_samples, frame_end + lookahead_samples)``, zero-padded
-    at utterance edges. Returns float32 (N_FEATURES,) = (8,), see ``FEATURE_NAMES``:
+    at utterance edges. The features use the audio from 35 ms before the frame's
+    start to 5 ms after its end (the level kernel; the spectrum: -19..+29 ms), so
+    the layout only says where the frame lies in the window.
+    Returns float32 (N_FEATURES,) = (8,), see ``FEATURE_NAMES``:
 
     - level_dbfs: RMS level in dB re full scale 1.0 (a full-scale sine is -3 dBFS),
-      weighted 1 on the frame's own 40 ms and CONTEXT_WEIGHT on the context;
+      weighted 1 within LEVEL_CORE_MS / 2 (20 ms) of the point LEVEL_CENTRE_MS (5 ms)
+      after the frame start and CONTEXT_WEIGHT for LEVEL_CONTEXT_MS (20 ms) beyond;
       SILENCE_DBFS (-100) for an all-zero window.
     - frac_*: fractions of the spectral energy in the ``BAND_EDGES_HZ`` bands (sum 1),
-      from a 48 ms Hann window centred on the frame.
+      from a 48 ms Hann window centred on the same point.
     - centroid_khz: spectral centroid (kHz); f1_khz, f2_khz: the formant proxies
       (``F1_BAND_HZ``, ``F2_BAND_HZ``). Spectral features are 0 for silence.
     """
     x = np.asarray(window, dtype=np.float32)
     n = x.shape[0]
-    power = float(np.dot(x * x, _level_weights(n, lookbehind_samples, lookahead_samples)))
+    weights = _level_weights(n, lookbehind_samples, LEVEL_CENTRE_MS, LEVEL_CORE_MS, LEVEL_CONTEXT_MS, CONTEXT_WEIGHT)
+    power = float(np.dot(x * x, weights))
     out = np.zeros(N_FEATURES, np.float32)
     out[0] = 10.0 * np.log10(power + 1e-10)
 
     hann, band, khz, f1, f2, f2_weight = _spectral_tables()
-    a = lookbehind_samples + (n - lookbehind_samples - lookahead_samples) // 2 - SPEC_SAMPLES // 2
+    a = lookbehind_samples + int(round(LEVEL_CENTRE_MS * SAMPLE_RATE / 1000.0)) - SPEC_SAMPLES // 2
     seg = np.zeros(SPEC_SAMPLES)
     lo, hi = max(a, 0), min(a + SPEC_SAMPLES, n)
     if hi > lo:
@@ -622,8 +654,9 @@ class VisemeWarpModel(LipSyncModel):
     One instance per session; the warp geometry is shared between sessions of the
     same avatar. avatar: ``avatar.Avatar``. lookahead_ms / lookbehind_ms: audio
     context after / before the frame (rounded down to 20 ms chunks); the lookahead
-    is the model's algorithmic latency and lets the jaw start opening just before a
-    sound. attack_ms / release_ms / width_ms: smoothing (``MouthSmoother``).
+    is the model's algorithmic latency. The level kernel needs 35 ms before and 5 ms
+    after the frame (``LEVEL_CENTRE_MS``); with less context it is cut short.
+    attack_ms / release_ms / width_ms: smoothing (``MouthSmoother``).
     adapt_level: map the level relative to a running per-session reference
     (``LevelReference``, kept across ``reset()``) instead of the fixed absolute curve.
     ``mouth_state``: the last smoothed (openness, width).

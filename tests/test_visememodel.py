@@ -273,3 +273,27 @@ def test_openness_follows_speech_envelope(avatar):
     r = [np.corrcoef(openness[max(k, 0):n + min(k, 0)], rms[max(-k, 0):n - max(k, 0)])[0, 1] for k in lags]
     assert abs(lags[int(np.argmax(r))]) <= 1, r
     assert 0.2 < openness[openness > 0].mean() < 0.95  # moves, neither stuck shut nor wide open
+
+
+def test_level_window_does_not_depend_on_the_context_layout():
+    """The level and spectral windows sit at fixed times around the frame
+    (LEVEL_CENTRE_MS after its start), whatever context a latency preset gives:
+    low (l=2, r=1), balanced (l=2, r=2) and high_quality (l=4, r=2) windows of the
+    same audio give the same features (issue #7: the offset is the preset's too)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    speechy = (np.sin(2 * np.pi * 220 * t) * (0.2 + np.abs(np.sin(2 * np.pi * 3 * t)))
+               + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    start = 8000  # the frame starts here
+    feats = [audio_features(speechy[start - lb:start + FRAME_SAMPLES + la], lb, la)
+             for lb, la in ((640, 320), (640, 640), (1280, 640))]
+    for f in feats[1:]:
+        assert np.allclose(f, feats[0], atol=1e-4), (f, feats[0])
+    # The level follows a burst LEVEL_CENTRE_MS after the frame start more than one
+    # at the frame's end.
+    def level_with_burst_at(ms: float) -> float:
+        x = np.zeros(1600, np.float32)
+        i = 640 + int(ms * 16)
+        x[i - 80:i + 80] = 0.5
+        return float(audio_features(x, 640, 320)[0])
+    assert level_with_burst_at(vm.LEVEL_CENTRE_MS) > level_with_burst_at(40.0) + 3
