@@ -21,9 +21,12 @@ from basereal import SessionOptions
 # docs/benchmarks.md).
 LATENCY_PRESETS: dict[str, dict[str, Any]] = {
     # ~40-80 ms: smallest batches, no jitter buffer; the first CPU hiccup shows as a gap.
-    "ultra_low": dict(batch_size=2, min_batch=1, prebuffer=1, drop_threshold_ms=40, l=2, r=1),
+    # r=0: the default model's level window reaches only 5 ms past a frame (its A/V
+    # calibration, docs/benchmarks.md), and measured offsets moved by ~1 ms without
+    # the extra 20 ms chunk of lookahead, which costs 20 ms of latency.
+    "ultra_low": dict(batch_size=2, min_batch=1, prebuffer=1, drop_threshold_ms=40, l=2, r=0),
     # ~60-120 ms: the default; one frame of jitter buffer.
-    "low": dict(batch_size=4, min_batch=1, prebuffer=2, drop_threshold_ms=40, l=2, r=1),
+    "low": dict(batch_size=4, min_batch=1, prebuffer=2, drop_threshold_ms=40, l=2, r=0),
     # ~120-200 ms: bigger batches (GPU models), 3 frames of jitter buffer.
     "balanced": dict(batch_size=8, min_batch=2, prebuffer=3, drop_threshold_ms=40, l=2, r=2),
     # ~250-400 ms: throughput first (several sessions per GPU), deep jitter buffer.

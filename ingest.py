@@ -182,14 +182,27 @@ class LiveUtterance:
         self.resampler = StreamResampler(fmt.sample_rate)
         self.next_seq = 0
         self.told_interrupted = False
+        self._primed = False
 
     @property
     def interrupted(self) -> bool:
         return self.worker.playback.is_finished(self.id)
 
     async def push(self, mono: np.ndarray) -> None:
-        """Queue mono float32 audio at the declared rate."""
-        await push_live(self.worker, self.resampler.process(mono), self.id)
+        """Queue mono float32 audio at the declared rate.
+
+        The resampler's output trails its input by its filter delay (~1 ms); the
+        first push is padded by that much silence in front, so what has arrived is
+        always available up to its end and a frame never waits a whole chunk more
+        for its last millisecond.
+        """
+        out = self.resampler.process(mono)
+        if not self._primed:
+            self._primed = True
+            short = round(len(mono) * SAMPLE_RATE / self.format.sample_rate) - len(out)
+            if short > 0:
+                out = np.concatenate([np.zeros(short, np.float32), out])
+        await push_live(self.worker, out, self.id)
 
     async def end(self) -> None:
         """Queue the resampler's tail and close the utterance."""

@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import aioice.ice
+import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 from av import AudioFrame, VideoFrame
 
+from audio import StreamResampler
 from clock import (
     AUDIO_CHUNKS_PER_FRAME,
-    AUDIO_TIME_BASE,
+    CHUNK_MS,
     CHUNK_SAMPLES,
     FRAME_MS,
     SAMPLE_RATE,
     VIDEO_TIME_BASE,
-    audio_pts,
     chunk_slot,
     video_pts,
 )
@@ -95,10 +97,36 @@ class AvatarVideoTrack(_SessionTrack):
         return frame
 
 
+# The audio track sends 48 kHz, Opus's own rate (RFC 7587): aiortc's Opus encoder then
+# takes each 20 ms chunk as it is. Fed 16 kHz, its resampler holds every chunk back
+# until the next one arrives (its filter delay leaves the first 960-sample frame
+# short), so each packet would leave 20 ms late: later first speech, later silence
+# after an interrupt, and audio 20 ms behind video in a receiver's RTCP-based sync.
+TRACK_RATE = 48000  # Hz
+TRACK_CHUNK = TRACK_RATE * CHUNK_MS // 1000  # 960 samples per 20 ms chunk
+TRACK_TIME_BASE = Fraction(1, TRACK_RATE)
+
+
 class AvatarAudioTrack(_SessionTrack):
-    """16 kHz mono s16 audio track in 20 ms chunks; chunk ``k`` has pts ``k * 320``."""
+    """48 kHz mono s16 audio track in 20 ms chunks; chunk ``k`` has pts ``k * 960``
+    (the session's 16 kHz audio, upsampled as one stream, ~1 ms behind)."""
 
     kind = "audio"
+
+    def __init__(self, worker: "BaseReal") -> None:
+        super().__init__(worker)
+        self._upsampler = StreamResampler(SAMPLE_RATE, TRACK_RATE)
+        self._pending = np.zeros(0, np.float32)  # upsampled audio not yet sent
+
+    def _upsample(self, samples: np.ndarray) -> np.ndarray:
+        """One 16 kHz int16 chunk -> exactly TRACK_CHUNK int16 samples at 48 kHz; the
+        filter's ~1 ms delay is paid once, as leading zeros in the first chunk."""
+        out = self._upsampler.process(samples.astype(np.float32) / np.float32(32768.0))
+        pending = np.concatenate([self._pending, out])
+        if len(pending) < TRACK_CHUNK:
+            pending = np.concatenate([np.zeros(TRACK_CHUNK - len(pending), np.float32), pending])
+        chunk, self._pending = pending[:TRACK_CHUNK], pending[TRACK_CHUNK:]
+        return np.clip(chunk * 32768.0, -32768, 32767).astype(np.int16)
 
     async def recv(self) -> AudioFrame:
         self._check_live()
@@ -112,10 +140,10 @@ class AvatarAudioTrack(_SessionTrack):
             samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
         else:  # interrupted mid-slot: the rest is silence
             samples = SILENCE[:CHUNK_SAMPLES]
-        frame = AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = SAMPLE_RATE
-        frame.pts = audio_pts(chunk)
-        frame.time_base = AUDIO_TIME_BASE
+        frame = AudioFrame.from_ndarray(self._upsample(samples).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = TRACK_RATE
+        frame.pts = chunk * TRACK_CHUNK
+        frame.time_base = TRACK_TIME_BASE
         self._next = chunk + 1
         self.metrics.audio_sent()
         self.worker.playback.on_chunk(unit, part, audible, chunk)

@@ -144,18 +144,21 @@ def main() -> None:
     ap.add_argument("--only", default="first_audio,interrupt")
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--latency_mode", default="low")
+    ap.add_argument("--server_arg", action="append", default=[], help="extra app.py option (repeatable), e.g. --server_arg=-r --server_arg=0")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     only = set(args.only.split(","))
     out: dict = {
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "latency_mode": args.latency_mode,
+        "server_args": args.server_arg,
         "model": "default",
         "media": "shared/media/sun.wav" if (MEDIA / "sun.wav").exists() else "espeak speech",
         "arrival": "RTP packet at the client's receiver, below aiortc's jitter buffer",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(Path(tmp), "--model", "default", "--latency_mode", args.latency_mode, "--log_level", "WARNING")
+        srv = ServerProcess(Path(tmp), "--model", "default", "--latency_mode", args.latency_mode, "--log_level", "WARNING",
+                            *args.server_arg)
         try:
             if "first_audio" in only:
                 out["first_audio"] = asyncio.run(bench_first_audio(srv.url, args.trials))

@@ -75,8 +75,9 @@ def test_late_video_skips_stale_frames_instead_of_bursting():
     assert worker.metrics.frames_dropped == 11
     assert worker.metrics.frames_late == 0  # the frame it did send was on time
     # audio is never skipped: every chunk, in order, with its unit's samples
-    assert [c.pts for c in chunks] == [320 * k for k in range(1, 6)]
-    assert [int(c.to_ndarray()[0, 0]) for c in chunks] == [0, 1, 1, 2, 2]
+    assert [c.pts for c in chunks] == [960 * k for k in range(1, 6)]  # 48 kHz
+    assert [c.sample_rate for c in chunks] == [48000] * 5
+    assert [int(c.to_ndarray()[0, 480]) for c in chunks] == [0, 1, 1, 2, 2]  # mid-chunk, past the filter
 
 
 def test_lateness_under_the_threshold_is_sent_and_counted_late():
