@@ -37,7 +37,9 @@ from audio import AudioDecodeError, AudioTooLong, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
 from clock import SAMPLE_RATE
+from chat import ChatClient
 from config import parse_args, session_options
+from converse import ChatAgent
 from events import EventBus, attach_data_channel
 from metrics import Metrics
 from security import AccessControl, limit_connections_per_address
@@ -78,6 +80,7 @@ class AvatarServer:
         self.metrics = Metrics()
         self.registry = SessionRegistry(args, self.metrics)
         self.access = AccessControl(args.api_key, args.cors_origin)
+        self.chat = ChatClient.from_options(args)
         self.model_name, reason = select_model(args)
         log.info("model: %s (%s)", self.model_name, reason)
         self.avatar = self._load_avatar()
@@ -214,14 +217,23 @@ class AvatarServer:
         body = await read_json(request, self.args.request_timeout)
         session = self.session(body, request, connected=True)
         text, kind = body.get("text"), body.get("type", "echo")
-        if kind != "echo":
-            raise HTTPError(400, f"type '{kind}' is not supported (no LLM is configured); use 'echo'")
+        if kind not in ("echo", "chat"):
+            raise HTTPError(400, f"type must be 'echo' or 'chat', got {str(kind)[:20]!r}")
+        if kind == "chat" and self.chat is None:
+            raise HTTPError(400, "type 'chat' needs an LLM: start the server with --llm_url (key in $LLM_API_KEY)")
         if not isinstance(text, str) or not text.strip():
             raise HTTPError(400, "'text' must be a non-empty string")
         if len(text) > self.args.max_text_chars:
             raise HTTPError(413, f"text of {len(text)} characters exceeds the limit of {self.args.max_text_chars}")
         if body.get("interrupt"):
             session.worker.interrupt()
+        if kind == "chat":
+            tts = await self.tts()
+            if tts is None:
+                raise HTTPError(400, "no TTS engine is configured for this server")
+            if session.agent is None:
+                session.agent = ChatAgent(session.worker, session.bus, tts, self.chat)
+            return ok(utterance=session.agent.ask(text))
         try:
             utterance = session.worker.say(text)
         except TextQueueFull as e:

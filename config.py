@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import yaml
 
+import chat
+
 from basereal import SessionOptions
 
 # Latency presets. The figures below are estimates of "pushed audio -> first speech
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
                    help="an origin (scheme://host[:port]) allowed to call the API from its pages; repeatable")
     p.add_argument("--log_level", default="INFO")
+    chat.add_arguments(p)
     return p
 
 

@@ -155,8 +155,9 @@ def parse_start(msg: dict[str, Any]) -> StreamFormat:
     return StreamFormat(rate, fmt, channels, framing, interrupt)
 
 
-async def push_live(worker: "BaseReal", pcm: np.ndarray, utterance: int) -> None:
-    """Queue live 16 kHz audio without blocking the event loop.
+async def push_live(worker: "BaseReal", pcm: np.ndarray, utterance: int, text: str | None = None) -> None:
+    """Queue live 16 kHz audio without blocking the event loop (``text``: a subtitle
+    that starts with it).
 
     When the session's audio budget is full (a producer far ahead of real time),
     waits for room on a worker thread: the caller stops reading its source, which
@@ -165,10 +166,10 @@ async def push_live(worker: "BaseReal", pcm: np.ndarray, utterance: int) -> None
     if not len(pcm):
         return
     try:
-        worker.put_audio(pcm, end_of_utterance=False, utterance=utterance)
+        worker.put_audio(pcm, end_of_utterance=False, utterance=utterance, text=text)
     except SpeechQueueFull:
         await asyncio.get_running_loop().run_in_executor(
-            None, lambda: worker.put_audio(pcm, end_of_utterance=False, block=True, utterance=utterance)
+            None, lambda: worker.put_audio(pcm, end_of_utterance=False, block=True, utterance=utterance, text=text)
         )
 
 

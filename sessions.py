@@ -55,6 +55,7 @@ class Session:
         self.created = time.monotonic()
         self.connected = False
         self.last_rtcp = self.created
+        self.agent = None  # converse.ChatAgent, made on the session's first chat
         self.closed = False
 
     def watch_rtcp(self) -> None:
@@ -131,6 +132,8 @@ class SessionRegistry:
         self.metrics.sessions.set(len(self.sessions))
         self.metrics.session_closed(reason)
         log.info("session %s closed: %s (%d open)", session.id[:8], reason, len(self.sessions))
+        if session.agent is not None:
+            session.agent.close()
         try:
             await asyncio.get_running_loop().run_in_executor(None, session.worker.stop)
             session.bus.close()
