@@ -27,15 +27,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-import avatar as avatar_mod
 import events
 import ingest
 from api import HTTPError, error_middleware, ok, read_json, read_multipart
 from audio import AudioDecodeError, AudioTooLong, decode_audio
 from baseasr import SpeechQueueFull
 from basereal import BaseReal, TextQueueFull
+from catalog import Catalog
 from clock import SAMPLE_RATE
 from chat import ChatClient
 from config import parse_args, session_options
@@ -44,32 +44,11 @@ from events import EventBus, attach_data_channel
 from metrics import Metrics
 from security import AccessControl, limit_connections_per_address
 from sessions import Session, SessionRegistry
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, use_loopback_ice
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, parse_ice_servers, use_loopback_ice
 
 log = logging.getLogger("app")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-
-
-def select_model(args) -> tuple[str, str]:
-    """Pick the lip-sync model: returns (name, reason)."""
-    if args.model == "default":
-        return "default", "requested with --model default"
-    if args.model == "musetalk":
-        return "musetalk", "requested with --model musetalk"
-    if not args.models_dir.is_dir():
-        return "default", f"no MuseTalk weights folder at {args.models_dir.resolve()}"
-    try:
-        import torch
-
-        from musetalk.models import find_weights
-
-        find_weights(args.models_dir, args.musetalk_version)
-    except FileNotFoundError as e:
-        return "default", f"MuseTalk weights incomplete: {str(e).splitlines()[0]}"
-    if not torch.cuda.is_available():
-        return "default", "no CUDA device (MuseTalk on CPU is far below real time; force it with --model musetalk)"
-    return "musetalk", f"weights at {args.models_dir} and CUDA device {torch.cuda.get_device_name(0)}"
 
 
 class AvatarServer:
@@ -81,32 +60,15 @@ class AvatarServer:
         self.registry = SessionRegistry(args, self.metrics)
         self.access = AccessControl(args.api_key, args.cors_origin)
         self.chat = ChatClient.from_options(args)
-        self.model_name, reason = select_model(args)
-        log.info("model: %s (%s)", self.model_name, reason)
-        self.avatar = self._load_avatar()
+        self.catalog = Catalog(args)
+        self.model_name = self.catalog.model_name
         self.options = session_options(args)
         self._tts = None
         self._tts_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._model_factory = self._build_model_factory()
+        self.ice_servers = parse_ice_servers(args.ice_server)
 
     # -- set-up -------------------------------------------------------------------
-    def _load_avatar(self):
-        a = self.args
-        if a.avatar_id == avatar_mod.DEFAULT_AVATAR_ID:
-            return avatar_mod.ensure_default_avatar(a.avatars_dir)
-        return avatar_mod.load_avatar(a.avatar_id, a.avatars_dir)
-
-    def _build_model_factory(self):
-        a = self.args
-        if self.model_name == "musetalk":
-            from musereal import musetalk_model_factory
-
-            return musetalk_model_factory(a, self.avatar)
-        from visememodel import VisemeWarpModel
-
-        return lambda: VisemeWarpModel(self.avatar, lookahead_ms=a.r * 20, lookbehind_ms=a.l * 20)
-
     async def tts(self):
         """The shared TTS engine, loaded once off the event loop.
 
@@ -170,13 +132,16 @@ class AvatarServer:
         refusal = self.registry.admit(address)
         if refusal is not None:
             raise HTTPError(*refusal)
+        try:
+            avatar, model_factory = await self.catalog.setup(body.get("avatar"))
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from e
         tts = await self.tts()
-        pc = RTCPeerConnection()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers) if self.ice_servers else None)
         bus = EventBus()
         session = Session(pc, None, bus, address)  # type: ignore[arg-type]
         sid = session.id
-        session.worker = BaseReal(sid, self._model_factory(), self.avatar, self.options, self.metrics.session(sid),
-                                  tts, bus.publish)
+        session.worker = BaseReal(sid, model_factory(), avatar, self.options, self.metrics.session(sid), tts, bus.publish)
         self.registry.add(session)
 
         @pc.on("connectionstatechange")
@@ -293,6 +258,27 @@ class AvatarServer:
             }
         )
 
+    async def config(self, request: web.Request) -> web.Response:
+        """What the page needs before its offer: ICE servers, features, avatars."""
+        return web.json_response({
+            "ice_servers": [{"urls": s.urls, **({"username": s.username, "credential": s.credential} if s.username else {})}
+                            for s in self.ice_servers],
+            "api_key_required": self.args.api_key is not None,
+            "chat": self.chat is not None,
+            "tts": self.args.tts,
+            "model": self.model_name,
+            "avatar": self.args.avatar_id,
+            "mic_modes": ["off", "lipsync"],
+        })
+
+    async def avatars(self, request: web.Request) -> web.Response:
+        return web.json_response({"avatars": self.catalog.avatar_ids(), "default": self.args.avatar_id})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """``GET /stats?sessionid=``: the session's own figures (for the page's stats panel)."""
+        session = self.session_of_query(request)
+        return web.json_response({"code": 0, "connected": session.connected, **session.worker.status()})
+
     async def metrics_handler(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
@@ -334,6 +320,9 @@ def build_app(args) -> web.Application:
     app.router.add_get("/ws", server.websocket)
     events.setup(app, server.session_of_query)
     app.router.add_get("/status", server.status)
+    app.router.add_get("/config", server.config)
+    app.router.add_get("/avatars", server.avatars)
+    app.router.add_get("/stats", server.stats)
     app.router.add_get("/metrics", server.metrics_handler)
     app.router.add_get("/", server.index)
     app.router.add_static("/web/", WEB_DIR)

@@ -268,6 +268,7 @@ class BaseReal:
             "queued_audio_s": self.inbox.pending_samples / SAMPLE_RATE,
             "playout_queued": self.playout.queued,
             "underruns": self.playout.underruns,
+            "last_start_latency_ms": self.playback.last_start_latency_ms,
             **self.metrics.summary(),
         }
 

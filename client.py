@@ -98,6 +98,7 @@ class AvatarClient:
         self.ws: aiohttp.ClientWebSocketResponse | None = None
         self.events: list[tuple[float, dict]] = []  # (monotonic arrival, event) from /ws
         self.mic_track = None  # a MediaStreamTrack to send as the microphone ("mic": "lipsync")
+        self.offer_extra: dict = {}  # more fields for the /offer body (e.g. avatar)
 
     async def __aenter__(self) -> "AvatarClient":
         await self.connect()
@@ -124,6 +125,7 @@ class AvatarClient:
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         if self.mic_track is not None:
             offer["mic"] = "lipsync"
+        offer.update(self.offer_extra)
         answer = await self.post("/offer", offer)
         if answer.get("code", 0) != 0:
             raise RuntimeError(f"offer refused: {answer.get('msg')}")
@@ -159,6 +161,11 @@ class AvatarClient:
     def _auth(self) -> dict[str, str]:
         credential = self.token if (self.token and self.api_key) else self.api_key
         return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+    async def get(self, path: str) -> dict:
+        assert self.http is not None
+        async with self.http.get(self.base_url + path, headers=self._auth()) as r:
+            return await r.json()
 
     async def post(self, path: str, body: dict) -> dict:
         assert self.http is not None

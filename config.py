@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key", help="require 'Authorization: Bearer <key>' (default: $API_KEY; none: no access control)")
     p.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
                    help="an origin (scheme://host[:port]) allowed to call the API from its pages; repeatable")
+    p.add_argument("--ice_server", action="append", default=[], metavar="URL[,USER,CREDENTIAL]",
+                   help="a STUN/TURN server for the server and the page (GET /config); repeatable")
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)
     return p

@@ -189,6 +189,9 @@ class PlaybackTracker:
         self._next_id = 1
         self._open: OrderedDict[int, Utterance] = OrderedDict()
         self._finished: OrderedDict[int, Utterance] = OrderedDict()
+        # ms from the last started utterance's first audio entering the session to its
+        # first chunk sent (None before any)
+        self.last_start_latency_ms: float | None = None
 
     def open(self, kind: str, text: str = "") -> int:
         """Number a new utterance; returns its id (1, 2, ...)."""
@@ -234,6 +237,8 @@ class PlaybackTracker:
             media_time_ms = chunk * CHUNK_MS
             if not utt.started:
                 utt.started = True
+                if unit.t_in:
+                    self.last_start_latency_ms = round((time.monotonic() - unit.t_in) * 1000.0, 1)
                 events.append({"type": "playback_started", "utterance": utt_id,
                                "media_time_ms": media_time_ms, "wall_time": round(time.time(), 3)})
             if part == 0 and unit.text:

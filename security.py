@@ -31,7 +31,8 @@ from api import error_response
 
 log = logging.getLogger(__name__)
 
-SESSION_ROUTES = frozenset({"/human", "/humanaudio", "/interrupt_talk", "/is_speaking", "/ws", "/events", "/sse"})
+SESSION_ROUTES = frozenset({"/human", "/humanaudio", "/interrupt_talk", "/is_speaking", "/ws", "/events", "/sse",
+                            "/stats"})
 PUBLIC_ROUTES = frozenset({"/"})
 PUBLIC_PREFIXES = ("/web/",)
 

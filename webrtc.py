@@ -187,6 +187,24 @@ def check_offer(sdp: str) -> None:
         raise ValueError("the offer has no UDP ICE candidate (gather candidates before sending the offer)")
 
 
+def parse_ice_servers(specs: list[str]) -> list:
+    """``--ice_server URL[,username,credential]`` values -> ``aiortc.RTCIceServer`` list.
+
+    Raises:
+        ValueError: a URL that is not ``stun:``, ``turn:`` or ``turns:``.
+    """
+    from aiortc import RTCIceServer
+
+    servers = []
+    for spec in specs:
+        url, _, rest = spec.partition(",")
+        username, _, credential = rest.partition(",")
+        if not url.startswith(("stun:", "turn:", "turns:")):
+            raise ValueError(f"--ice_server {url!r}: expected a stun:, turn: or turns: URL")
+        servers.append(RTCIceServer(urls=url, username=username or None, credential=credential or None))
+    return servers
+
+
 def use_loopback_ice() -> None:
     """Make aiortc offer 127.0.0.1 as its host candidate.
 
