@@ -25,6 +25,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
@@ -81,10 +82,10 @@ class AvatarServer:
         return await asyncio.shield(self._tts_task)
 
     async def _load_tts(self):
-        from tts import make_tts
+        from tts import make_tts, options_from_args
 
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, make_tts, self.args.tts)
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: make_tts(self.args.tts, **options_from_args(self.args)))
         except Exception:
             log.exception("no TTS engine could be loaded: /human is unavailable")
             return None
@@ -137,11 +138,13 @@ class AvatarServer:
         except ValueError as e:
             raise HTTPError(400, str(e)) from e
         tts = await self.tts()
+        voice = self._voice(tts, body.get("voice"))
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers) if self.ice_servers else None)
         bus = EventBus()
         session = Session(pc, None, bus, address)  # type: ignore[arg-type]
         sid = session.id
         session.worker = BaseReal(sid, model_factory(), avatar, self.options, self.metrics.session(sid), tts, bus.publish)
+        session.worker.voice = voice
         self.registry.add(session)
 
         @pc.on("connectionstatechange")
@@ -192,15 +195,17 @@ class AvatarServer:
             raise HTTPError(413, f"text of {len(text)} characters exceeds the limit of {self.args.max_text_chars}")
         if body.get("interrupt"):
             session.worker.interrupt()
+        tts = await self.tts()
+        voice = self._voice(tts, body.get("voice")) if body.get("voice") is not None else None
         if kind == "chat":
-            tts = await self.tts()
             if tts is None:
                 raise HTTPError(400, "no TTS engine is configured for this server")
             if session.agent is None:
                 session.agent = ChatAgent(session.worker, session.bus, tts, self.chat)
+            session.agent.voice = voice or session.worker.voice
             return ok(utterance=session.agent.ask(text))
         try:
-            utterance = session.worker.say(text)
+            utterance = session.worker.say(text, voice)
         except TextQueueFull as e:
             raise HTTPError(429, str(e)) from e
         except RuntimeError as e:
@@ -257,6 +262,24 @@ class AvatarServer:
                              for sid, s in self.registry.sessions.items()},
             }
         )
+
+    @staticmethod
+    def _voice(tts: Any, voice: Any) -> str | None:
+        """A voice the TTS engine has (None: its default). Raises HTTPError(400)."""
+        if voice is None or tts is None:
+            return None
+        if not isinstance(voice, str):
+            raise HTTPError(400, "'voice' must be a string (GET /voices lists them)")
+        try:
+            return tts.check_voice(voice)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from e
+
+    async def voices(self, request: web.Request) -> web.Response:
+        tts = await self.tts()
+        if tts is None:
+            return web.json_response({"engine": None, "default": None, "voices": []})
+        return web.json_response({"engine": tts.name, "default": tts.default_voice, "voices": tts.voices()})
 
     async def config(self, request: web.Request) -> web.Response:
         """What the page needs before its offer: ICE servers, features, avatars."""
@@ -322,6 +345,7 @@ def build_app(args) -> web.Application:
     app.router.add_get("/status", server.status)
     app.router.add_get("/config", server.config)
     app.router.add_get("/avatars", server.avatars)
+    app.router.add_get("/voices", server.voices)
     app.router.add_get("/stats", server.stats)
     app.router.add_get("/metrics", server.metrics_handler)
     app.router.add_get("/", server.index)

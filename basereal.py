@@ -29,6 +29,7 @@ from avatar import to_i420
 from baseasr import AudioInbox, AudioSegment, AudioUnit, BaseASR, SpeechQueueFull, StageQueue
 from clock import SAMPLE_RATE, SessionClock
 from events import PlaybackTracker
+from tts import split_sentences
 from metrics import SessionMetrics
 from playout import MediaUnit, PlayoutBuffer
 
@@ -133,8 +134,10 @@ class BaseReal:
         self.options = options
         self.metrics = metrics
         self.tts = tts
+        self.voice: str | None = None  # the session's TTS voice (None: the engine's default)
         self.clock = SessionClock()
-        self.playback = PlaybackTracker(publish or (lambda event: None))
+        self._publish = publish or (lambda event: None)
+        self.playback = PlaybackTracker(self._publish)
         self.epoch = 0
         self._epoch_lock = threading.Lock()
         self._stop = threading.Event()
@@ -147,7 +150,8 @@ class BaseReal:
             on_underrun=metrics.underrun,
         )
         self.inbox = AudioInbox(options.max_audio_seconds)
-        self.text_queue: StageQueue[tuple[int, int, str]] = StageQueue(options.max_texts)  # (epoch, utterance, text)
+        # (epoch, utterance, text, voice)
+        self.text_queue: StageQueue[tuple[int, int, str, str | None]] = StageQueue(options.max_texts)
         self.unit_queue: StageQueue[AudioUnit] = StageQueue(max(2 * options.batch_size, 4))
         self.composite_queue: StageQueue[tuple[AudioUnit, Any]] = StageQueue(max(2 * options.batch_size, 4))
         self.asr = model.make_asr(
@@ -180,6 +184,12 @@ class BaseReal:
         for t in self._threads:
             if t.is_alive() and t is not threading.current_thread():
                 t.join(timeout)
+        # The ASR thread holds callbacks bound to this worker (epoch, loop hint): a
+        # reference cycle that only the cyclic GC's rare full collections break, which
+        # kept a closed session's frames (~0.4 MB each, up to the playout history) alive
+        # for many sessions. Cut it once the thread has ended.
+        if not self.asr.is_alive():
+            self.asr._epoch = self.asr._loop_hint = None
 
     @property
     def stopped(self) -> bool:
@@ -230,8 +240,9 @@ class BaseReal:
             self.playback.add_samples(utterance, len(pcm))
         return queued
 
-    def say(self, text: str) -> int:
-        """Queue ``text`` for TTS; returns its utterance number.
+    def say(self, text: str, voice: str | None = None) -> int:
+        """Queue ``text`` for TTS in ``voice`` (None: the engine's default; check it
+        first with ``tts.check_voice``); returns its utterance number.
 
         Raises TextQueueFull, or RuntimeError without TTS.
         """
@@ -240,7 +251,7 @@ class BaseReal:
         if len(self.text_queue) >= self.text_queue.maxsize:
             raise TextQueueFull(f"too many texts waiting ({self.text_queue.maxsize}); interrupt or retry later")
         utterance = self.open_utterance("text", text)
-        self.text_queue.put((self.epoch, utterance, text))
+        self.text_queue.put((self.epoch, utterance, text, voice or self.voice))
         return utterance
 
     def interrupt(self) -> None:
@@ -283,16 +294,25 @@ class BaseReal:
             item = self.text_queue.get(timeout=0.1)
             if item is None:
                 continue
-            epoch, utterance, text = item
+            epoch, utterance, text, voice = item
             if epoch != self.epoch:
                 continue
             try:
-                for sentence, pcm in self.tts.sentences(text):  # synthesised one at a time
+                for sentence in split_sentences(text):
+                    # each piece is queued the moment the engine has it (online engines
+                    # stream); the sentence's subtitle starts with its first piece
+                    subtitle: str | None = sentence
+                    for pcm in self.tts.stream_chunks(sentence, voice=voice):
+                        if epoch != self.epoch or self._stop.is_set():
+                            break
+                        if len(pcm):
+                            self._put(pcm, epoch, False, True, utterance, subtitle)
+                            subtitle = None
                     if epoch != self.epoch or self._stop.is_set():
                         break
-                    self._put(pcm, epoch, False, True, utterance, sentence)
-            except Exception:  # a TTS failure must not kill the session
+            except Exception as e:  # a TTS failure must not kill the session
                 log.exception("session %s: TTS failed for %r", self.session_id[:8], text[:60])
+                self._publish({"type": "error", "msg": f"speech synthesis failed: {e}", "utterance": utterance})
             finally:
                 if epoch == self.epoch and not self._stop.is_set():
                     self._put(np.zeros(0, np.float32), epoch, True, False, utterance, None)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import yaml
 
 import chat
+import tts
 
 from basereal import SessionOptions
 
@@ -81,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-l", type=int, help="audio context before a frame, in 20 ms chunks")
     p.add_argument("-r", type=int, help="audio context after a frame (lookahead), in 20 ms chunks")
     p.add_argument("--max_session", type=int, default=8, help="concurrent sessions allowed")
-    p.add_argument("--tts", default="auto", choices=["auto", "piper", "espeak", "none"])
+    p.add_argument("--tts", default="auto", choices=tts.TTS_CHOICES,
+                   help="auto: piper, else espeak; edge and openai are online (see --tts_url)")
     p.add_argument("--max_audio_seconds", type=float, default=120.0, help="pushed audio a session may queue")
     p.add_argument("--max_upload_mb", type=float, default=32.0, help="largest /humanaudio upload")
     p.add_argument("--max_text_chars", type=int, default=2000, help="longest /human text")
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a STUN/TURN server for the server and the page (GET /config); repeatable")
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)
+    tts.add_arguments(p)
     return p
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from chat import ChatClient, ChatError, Conversation
 from clock import SAMPLE_RATE
 from ingest import push_live
+from tts import TTSError
 
 if TYPE_CHECKING:
     from basereal import BaseReal
@@ -94,7 +95,7 @@ class ChatAgent:
                     self._timings.append((queued / SAMPLE_RATE, len(pcm) / SAMPLE_RATE))
                     queued += len(pcm)
                     await push_live(self.worker, pcm, utterance, text=sentence)
-        except ChatError as e:
+        except (ChatError, TTSError) as e:
             log.warning("session %s: %s", self.worker.session_id[:8], e)
             self.bus.publish({"type": "error", "msg": str(e), "utterance": utterance})
         except asyncio.CancelledError:
@@ -104,9 +105,7 @@ class ChatAgent:
                 self.worker.end_utterance(utterance)
 
     def _synthesize(self, sentence: str) -> np.ndarray:
-        if self.voice is not None:
-            return self.tts.synthesize(sentence, voice=self.voice)
-        return self.tts.synthesize(sentence)
+        return self.tts.synthesize(sentence, voice=self.voice)
 
     async def _listen(self) -> None:
         """Follow the current reply's playback events into the history."""

@@ -72,3 +72,32 @@ def test_each_session_gets_the_avatar_it_asks_for_and_stats(two_avatars):
     assert stats["code"] == 0 and stats["connected"] is True and stats["frames_sent"] > 0
     assert "last_start_latency_ms" in stats
     assert refused is not None and "unknown avatar" in refused and "mirror" in refused
+
+
+def test_voices_listed_and_validated_per_request(two_avatars):
+    voices = get(two_avatars.url + "/voices")
+    ids = [v["id"] for v in voices["voices"]]
+    assert voices["engine"] == "espeak" and voices["default"] in ids and "en-us+f3" in ids
+
+    async def run():
+        c = AvatarClient(two_avatars.url)
+        c.offer_extra = {"voice": "en-us+f3"}
+        async with c:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            good = await c.post("/human", {"sessionid": c.sessionid, "text": "Hi.", "type": "echo", "voice": "en-us"})
+            bad = await c.post("/human", {"sessionid": c.sessionid, "text": "Hi.", "type": "echo", "voice": "klingon"})
+        c = AvatarClient(two_avatars.url)
+        c.offer_extra = {"voice": "klingon"}
+        try:
+            await c.connect()
+            offer_bad = None
+        except RuntimeError as e:
+            offer_bad = str(e)
+        finally:
+            await c.close()
+        return good, bad, offer_bad
+
+    good, bad, offer_bad = asyncio.run(run())
+    assert good["code"] == 0 and good["utterance"] == 1
+    assert bad["code"] == -1 and "klingon" in bad["msg"] and "en-us" in bad["msg"]
+    assert offer_bad is not None and "klingon" in offer_bad
