@@ -40,7 +40,7 @@ from catalog import Catalog
 from clock import SAMPLE_RATE
 from chat import ChatClient
 from config import parse_args, session_options
-from converse import ChatAgent
+from converse import ChatAgent, VoiceConversation
 from events import EventBus, attach_data_channel
 from metrics import Metrics
 from security import AccessControl, limit_connections_per_address
@@ -66,6 +66,7 @@ class AvatarServer:
         self.options = session_options(args)
         self._tts = None
         self._tts_task: asyncio.Task | None = None
+        self._stt_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self.ice_servers = parse_ice_servers(args.ice_server)
 
@@ -88,6 +89,27 @@ class AvatarServer:
             return await asyncio.get_running_loop().run_in_executor(None, lambda: make_tts(self.args.tts, **options_from_args(self.args)))
         except Exception:
             log.exception("no TTS engine could be loaded: /human is unavailable")
+            return None
+
+    async def stt(self):
+        """The shared speech-to-text backend (``--stt``), made once off the event loop;
+        None with ``--stt none`` or when it cannot be made (logged)."""
+        if self.args.stt == "none":
+            return None
+        if self._stt_task is None:
+            self._stt_task = asyncio.ensure_future(self._load_stt())
+        return await asyncio.shield(self._stt_task)
+
+    async def _load_stt(self):
+        from stt import make_stt
+
+        a = self.args
+        options = {"url": a.stt_url, "model": a.stt_model} if a.stt == "openai" else {"model": a.stt_model}
+        options = {k: v for k, v in options.items() if v}
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, lambda: make_stt(a.stt, **options))
+        except Exception:
+            log.exception("no speech-to-text backend could be made: 'mic': 'converse' is unavailable")
             return None
 
     def _background(self, coro) -> None:
@@ -123,8 +145,10 @@ class AvatarServer:
         if kind != "offer" or not isinstance(sdp, str) or not sdp.strip():
             raise HTTPError(400, "expected {'sdp': <offer SDP string>, 'type': 'offer'}")
         mic = body.get("mic")
-        if mic not in (None, "off", "lipsync"):
-            raise HTTPError(400, f"'mic' must be 'lipsync' or 'off', got {str(mic)[:20]!r}")
+        if mic not in (None, "off", "lipsync", "converse"):
+            raise HTTPError(400, f"'mic' must be 'lipsync', 'converse' or 'off', got {str(mic)[:20]!r}")
+        if mic == "converse" and self.chat is None:
+            raise HTTPError(400, "'mic': 'converse' needs an LLM: start the server with --llm_url")
         try:
             check_offer(sdp)
         except ValueError as e:
@@ -139,6 +163,9 @@ class AvatarServer:
             raise HTTPError(400, str(e)) from e
         tts = await self.tts()
         voice = self._voice(tts, body.get("voice"))
+        stt = await self.stt() if mic == "converse" else None
+        if mic == "converse" and (stt is None or tts is None):
+            raise HTTPError(400, "'mic': 'converse' needs speech-to-text (--stt) and TTS (--tts); see the server log")
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers) if self.ice_servers else None)
         bus = EventBus()
         session = Session(pc, None, bus, address)  # type: ignore[arg-type]
@@ -160,17 +187,28 @@ class AvatarServer:
             if channel.label == "events":
                 attach_data_channel(channel, bus)
 
+        audio_track = AvatarAudioTrack(session.worker)
+        if mic == "converse":
+            session.agent = ChatAgent(session.worker, bus, tts, self.chat, voice)
+
         @pc.on("track")
         def on_track(track) -> None:
-            # The microphone as live speech; any other incoming track is drained unused.
-            use = track.kind == "audio" and mic == "lipsync"
-            self._background(ingest.MicrophoneIngest(session.worker, track).run() if use else drain(track))
+            # The microphone as live speech (lipsync) or as the user's voice (converse);
+            # any other incoming track is drained unused.
+            if track.kind == "audio" and mic == "lipsync":
+                self._background(ingest.MicrophoneIngest(session.worker, track).run())
+            elif track.kind == "audio" and mic == "converse":
+                voice_turns = VoiceConversation(session.worker, bus, session.agent, stt, track, not self.args.no_barge_in)
+                audio_track.on_sent = voice_turns.on_sent
+                self._background(voice_turns.run())
+            else:
+                self._background(drain(track))
 
         try:
-            if mic == "lipsync":  # answer the page's sendrecv audio transceiver
-                pc.addTransceiver(AvatarAudioTrack(session.worker), direction="sendrecv")
+            if mic in ("lipsync", "converse"):  # answer the page's sendrecv audio transceiver
+                pc.addTransceiver(audio_track, direction="sendrecv")
             else:
-                pc.addTrack(AvatarAudioTrack(session.worker))
+                pc.addTrack(audio_track)
             pc.addTrack(AvatarVideoTrack(session.worker))
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
@@ -291,7 +329,7 @@ class AvatarServer:
             "tts": self.args.tts,
             "model": self.model_name,
             "avatar": self.args.avatar_id,
-            "mic_modes": ["off", "lipsync"],
+            "mic_modes": ["off", "lipsync"] + (["converse"] if self.chat is not None and self.args.stt != "none" else []),
         })
 
     async def avatars(self, request: web.Request) -> web.Response:

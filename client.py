@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +100,7 @@ class AvatarClient:
         self.events: list[tuple[float, dict]] = []  # (monotonic arrival, event) from /ws
         self.mic_track = None  # a MediaStreamTrack to send as the microphone ("mic": "lipsync")
         self.offer_extra: dict = {}  # more fields for the /offer body (e.g. avatar)
+        self.mic_mode = "lipsync"  # what the server does with mic_track: "lipsync" or "converse"
 
     async def __aenter__(self) -> "AvatarClient":
         await self.connect()
@@ -124,7 +126,7 @@ class AvatarClient:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
         if self.mic_track is not None:
-            offer["mic"] = "lipsync"
+            offer["mic"] = self.mic_mode
         offer.update(self.offer_extra)
         answer = await self.post("/offer", offer)
         if answer.get("code", 0) != 0:
@@ -286,6 +288,82 @@ class AvatarClient:
                 rec.audio_arrival.append(now)
         except MediaStreamError:
             pass
+
+
+class MicrophoneTrack:
+    """A client microphone for tests and benchmarks: an aiortc audio track (48 kHz
+    mono s16, 20 ms frames, paced in real time) that sends what :meth:`say` queued,
+    mixed with an *echo* of what the client receives (the avatar's voice played by a
+    speaker and picked up again): ``echo_gain`` (linear; 0.1 = -20 dB) and
+    ``echo_delay`` (s) after it arrived. Silence otherwise.
+
+    Use ``client.mic_track = MicrophoneTrack(client.received).track`` before connect.
+    """
+
+    RATE = 48000
+    FRAME = 960
+
+    def __init__(self, received: Received, echo_gain: float = 0.0, echo_delay: float = 0.06) -> None:
+        from aiortc import MediaStreamTrack
+
+        mic = self
+
+        class _Track(MediaStreamTrack):
+            kind = "audio"
+
+            async def recv(self):
+                return await mic._next_frame()
+
+        self.track = _Track()
+        self.received = received
+        self.echo_gain = echo_gain
+        self.echo_delay = echo_delay
+        self._speech = np.zeros(0, np.float32)
+        self._n = 0
+        self._t0: float | None = None
+        self.speech_started_at: float | None = None  # monotonic time the first queued sample went out
+
+    def say(self, pcm16k: np.ndarray) -> None:
+        """Queue 16 kHz float32 speech to be sent from the next frame on."""
+        from audio import resample
+
+        self._speech = np.concatenate([self._speech, resample(pcm16k, 16000, self.RATE)])
+        self.speech_started_at = None
+
+    def _echo(self, n: int) -> np.ndarray:
+        """The last ``n`` samples of received audio as they were ``echo_delay`` s ago."""
+        rec = self.received
+        if not self.echo_gain or not rec.audio or rec.audio_rate != self.RATE:
+            return np.zeros(n, np.float32)
+        signal = np.concatenate(rec.audio[-20:])
+        lag = int(self.echo_delay * self.RATE)
+        end = len(signal) - lag
+        if end <= 0:
+            return np.zeros(n, np.float32)
+        out = signal[max(0, end - n):end]
+        return self.echo_gain * np.pad(out, (n - len(out), 0))
+
+    async def _next_frame(self):
+        from av import AudioFrame
+
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+        due = self._t0 + self._n * self.FRAME / self.RATE
+        await asyncio.sleep(max(0.0, due - time.monotonic()))
+        pcm = self._echo(self.FRAME)
+        if len(self._speech):
+            if self.speech_started_at is None:
+                self.speech_started_at = time.monotonic()
+            part = self._speech[: self.FRAME]
+            self._speech = self._speech[self.FRAME :]
+            pcm[: len(part)] += part
+        frame = AudioFrame.from_ndarray((np.clip(pcm, -1, 1) * 32767).astype(np.int16).reshape(1, -1),
+                                        format="s16", layout="mono")
+        frame.sample_rate = self.RATE
+        frame.pts = self._n * self.FRAME
+        frame.time_base = Fraction(1, self.RATE)
+        self._n += 1
+        return frame
 
 
 def set_audio_prefetch(packets: int) -> None:

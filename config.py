@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api_key", help="require 'Authorization: Bearer <key>' (default: $API_KEY; none: no access control)")
     p.add_argument("--cors_origin", action="append", default=[], metavar="ORIGIN",
                    help="an origin (scheme://host[:port]) allowed to call the API from its pages; repeatable")
+    p.add_argument("--stt", default="pocketsphinx", choices=["pocketsphinx", "faster-whisper", "openai", "none"],
+                   help="speech-to-text for 'mic': 'converse' (openai: any /v1/audio/transcriptions, key $STT_API_KEY)")
+    p.add_argument("--stt_url", help="OpenAI-compatible API base for --stt openai")
+    p.add_argument("--stt_model", help="--stt faster-whisper: model name or path; openai: model name")
+    p.add_argument("--no_barge_in", action="store_true", help="in converse mode, do not stop the avatar when the user talks")
     p.add_argument("--ice_server", action="append", default=[], metavar="URL[,USER,CREDENTIAL]",
                    help="a STUN/TURN server for the server and the page (GET /config); repeatable")
     p.add_argument("--log_level", default="INFO")

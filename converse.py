@@ -131,3 +131,92 @@ class ChatAgent:
             self._task.cancel()
         self._listener.cancel()
         self._sub.close()
+
+
+class VoiceConversation:
+    """The microphone of a ``"mic": "converse"`` session as the user's side of a
+    voice conversation.
+
+    The peer's audio track (aiortc: 48 kHz s16) is resampled to 16 kHz and fed to a
+    ``vad.TurnDetector`` on the event loop (~0.1 ms per 32 ms frame). Its events:
+
+    - ``speech_start``: the user started talking. If the avatar is speaking or a
+      reply is on its way and barge-in is on, the session is interrupted at once
+      (the avatar is silent from the next 20 ms chunk; the LLM stream is closed).
+      The detector's ``vad.EchoGuard`` holds what the avatar *sent* (fed by the audio
+      track), so the avatar's own voice coming back through the user's speakers
+      does not count as the user (the page's echo cancellation removes most of it).
+    - ``turn_end``: the turn's audio is transcribed (``stt``), published as a
+      ``{"type": "transcript", "text", "utterance"}`` event, and sent to chat; the
+      reply plays as utterance ``utterance``.
+
+    Args:
+        worker, bus: the session's worker and event bus.
+        agent: the session's :class:`ChatAgent`.
+        stt: a speech-to-text backend (``stt.STT``: ``await transcribe(pcm16k)``).
+        track: the peer's audio track.
+        barge_in: interrupt the avatar when the user starts talking.
+    """
+
+    def __init__(self, worker: "BaseReal", bus: "EventBus", agent: ChatAgent, stt: Any, track: Any,
+                 barge_in: bool = True) -> None:
+        from vad import EchoGuard, TurnDetector
+
+        self.worker = worker
+        self.bus = bus
+        self.agent = agent
+        self.stt = stt
+        self.track = track
+        self.barge_in = barge_in
+        self.echo = EchoGuard()
+        self.detector = TurnDetector(echo=self.echo)
+        self._resampler = None
+        self._rate = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def on_sent(self, pcm16: np.ndarray) -> None:
+        """The audio track sent this 16 kHz int16 chunk (the echo reference)."""
+        self.echo.push_reference(pcm16.astype(np.float32) / np.float32(32768.0))
+
+    async def run(self) -> None:
+        """Consume the track until it ends."""
+        from aiortc.mediastreams import MediaStreamError
+
+        from audio import StreamResampler
+        from ingest import frame_to_mono
+
+        try:
+            while True:
+                frame = await self.track.recv()
+                if frame.sample_rate != self._rate:
+                    self._rate, self._resampler = frame.sample_rate, StreamResampler(frame.sample_rate)
+                for event in self.detector.feed(self._resampler.process(frame_to_mono(frame))):
+                    self._on_event(event)
+        except MediaStreamError:
+            pass
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    def _on_event(self, event: Any) -> None:
+        if event.kind == "speech_start":
+            if self.barge_in and (self.worker.is_speaking() or self.agent.replying):
+                log.info("session %s: barge-in", self.worker.session_id[:8])
+                self.worker.interrupt()
+        elif event.kind == "turn_end" and event.audio is not None:
+            task = asyncio.ensure_future(self._answer(event.audio))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, pcm: np.ndarray) -> None:
+        from stt import STTError
+
+        try:
+            text = (await self.stt.transcribe(pcm)).strip()
+        except STTError as e:
+            self.bus.publish({"type": "error", "msg": f"speech-to-text failed: {e}"})
+            return
+        if not text:
+            return
+        utterance = self.agent.ask(text)
+        self.bus.publish({"type": "transcript", "text": text, "utterance": utterance})

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from fractions import Fraction
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import aioice.ice
 import numpy as np
@@ -117,6 +117,7 @@ class AvatarAudioTrack(_SessionTrack):
         super().__init__(worker)
         self._upsampler = StreamResampler(SAMPLE_RATE, TRACK_RATE)
         self._pending = np.zeros(0, np.float32)  # upsampled audio not yet sent
+        self.on_sent: Callable[[np.ndarray], None] | None = None  # gets each int16 16 kHz chunk sent
 
     def _upsample(self, samples: np.ndarray) -> np.ndarray:
         """One 16 kHz int16 chunk -> exactly TRACK_CHUNK int16 samples at 48 kHz; the
@@ -140,6 +141,8 @@ class AvatarAudioTrack(_SessionTrack):
             samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
         else:  # interrupted mid-slot: the rest is silence
             samples = SILENCE[:CHUNK_SAMPLES]
+        if self.on_sent is not None:
+            self.on_sent(samples)
         frame = AudioFrame.from_ndarray(self._upsample(samples).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = TRACK_RATE
         frame.pts = chunk * TRACK_CHUNK
