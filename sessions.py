@@ -134,14 +134,48 @@ class SessionRegistry:
         log.info("session %s closed: %s (%d open)", session.id[:8], reason, len(self.sessions))
         if session.agent is not None:
             session.agent.close()
+        loop = asyncio.get_running_loop()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, session.worker.stop)
+            await loop.run_in_executor(None, session.worker.stop)
             session.bus.close()
             await session.pc.close()
+            # aiortc's peer connection lives in reference cycles of its own that only the
+            # cyclic GC's rare full collections free. Detach what of ours it holds (the
+            # tracks, which hold the worker and its frames; watch_rtcp's hooks, which hold
+            # the session) so that reference counting frees the session at once.
+            for sender in session.pc.getSenders():
+                sender.replaceTrack(None)
+                vars(sender).pop("_handle_rtcp_packet", None)  # undo Session.watch_rtcp
         except Exception:
             log.exception("session %s: error while closing (slot freed anyway)", session.id[:8])
         finally:
             self.metrics.remove(session.id)
+            import weakref
+
+            # glibc keeps what a session freed in its heaps (frames are ~0.4 MB, made in
+            # per-thread arenas): once the worker is gone, return the free pages to the
+            # OS (malloc_trim, ~2 ms, off the loop).
+            def trim() -> None:
+                import ctypes
+
+                try:
+                    ctypes.CDLL(None).malloc_trim(0)
+                except (AttributeError, OSError, TypeError):  # not glibc
+                    pass
+
+            def trim_off_loop() -> None:
+                try:
+                    loop.run_in_executor(None, trim)
+                except RuntimeError:  # executor shut down
+                    pass
+
+            def freed() -> None:  # in whichever thread let go of the worker last
+                try:
+                    loop.call_soon_threadsafe(trim_off_loop)
+                except RuntimeError:  # the loop has closed
+                    pass
+
+            weakref.finalize(session.worker, freed).atexit = False
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions.values())))
