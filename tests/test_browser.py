@@ -388,7 +388,7 @@ def _mic_moves_mouth(page, mode: str, server) -> dict:
 
 
 def test_webrtc_mic_moves_the_mouth(page, browser_server):
-    _mic_moves_mouth(page, "webrtc", browser_server)
+    _mic_moves_mouth(page, "lipsync", browser_server)
 
 
 def test_websocket_mic_moves_the_mouth(page, browser_server):
@@ -448,7 +448,7 @@ def test_page_with_an_api_key(chromium, keyed_server):
         page.click("#start")
         _wait(page, "/error/.test(document.getElementById('status').textContent)", 10000, "refusal shown", keyed_server)
         assert "api key" in page.inner_text("#status").lower()
-        page.click("#keybox summary")
+        assert page.evaluate("document.getElementById('keybox').open"), "the page did not open the key field"
         page.fill("#apikey", API_KEY)
         page.click("#start")
         _wait(page, "pc && pc.connectionState === 'connected' && ws && ws.readyState === 1", 20000, "connected", keyed_server)
