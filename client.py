@@ -294,8 +294,8 @@ class MicrophoneTrack:
     """A client microphone for tests and benchmarks: an aiortc audio track (48 kHz
     mono s16, 20 ms frames, paced in real time) that sends what :meth:`say` queued,
     mixed with an *echo* of what the client receives (the avatar's voice played by a
-    speaker and picked up again): ``echo_gain`` (linear; 0.1 = -20 dB) and
-    ``echo_delay`` (s) after it arrived. Silence otherwise.
+    speaker and picked up again): ``echo_gain`` (linear; 0.1 = -20 dB), played from a
+    buffer of ``echo_delay`` s (s) after it arrived. Silence otherwise.
 
     Use ``client.mic_track = MicrophoneTrack(client.received).track`` before connect.
     """
@@ -322,6 +322,8 @@ class MicrophoneTrack:
         self._n = 0
         self._t0: float | None = None
         self.speech_started_at: float | None = None  # monotonic time the first queued sample went out
+        self._echo_frame = 0  # next received frame the "speaker" plays
+        self._echo_playing = False
 
     def say(self, pcm16k: np.ndarray) -> None:
         """Queue 16 kHz float32 speech to be sent from the next frame on."""
@@ -331,17 +333,22 @@ class MicrophoneTrack:
         self.speech_started_at = None
 
     def _echo(self, n: int) -> np.ndarray:
-        """The last ``n`` samples of received audio as they were ``echo_delay`` s ago."""
+        """The next ``n`` samples of the avatar's voice as a speaker plays it: the
+        received audio in order, once ``echo_delay`` s of it are buffered (a speaker
+        plays continuously; received frames arrive in bursts), scaled by ``echo_gain``."""
         rec = self.received
-        if not self.echo_gain or not rec.audio or rec.audio_rate != self.RATE:
+        if not self.echo_gain or rec.audio_rate != self.RATE:
             return np.zeros(n, np.float32)
-        signal = np.concatenate(rec.audio[-20:])
-        lag = int(self.echo_delay * self.RATE)
-        end = len(signal) - lag
-        if end <= 0:
+        buffered = len(rec.audio) - self._echo_frame
+        if buffered <= max(1, round(self.echo_delay / 0.02)) and not self._echo_playing:
             return np.zeros(n, np.float32)
-        out = signal[max(0, end - n):end]
-        return self.echo_gain * np.pad(out, (n - len(out), 0))
+        if buffered <= 0:  # the speaker ran dry: wait to buffer again
+            self._echo_playing = False
+            return np.zeros(n, np.float32)
+        self._echo_playing = True
+        block = rec.audio[self._echo_frame]
+        self._echo_frame += 1
+        return self.echo_gain * np.pad(block[:n], (0, max(0, n - len(block))))
 
     async def _next_frame(self):
         from av import AudioFrame

@@ -92,7 +92,7 @@ class PlayoutBuffer:
         idle_format: str = "bgr24",
         capacity: int = 50,
         prebuffer: int = 1,
-        history: int = 128,
+        history: int = 25,
         on_underrun: Callable[[], None] | None = None,
     ) -> None:
         if capacity < 1 or prebuffer < 1:
@@ -152,6 +152,8 @@ class PlayoutBuffer:
         with self._cond:
             self._closed = True
             self._queue.clear()
+            self._decided.clear()  # a closed session's frames go now, whoever still holds the buffer
+            self._last_video = None
             self._cond.notify_all()
 
     # -- consumer side (event loop) ------------------------------------------------

@@ -94,9 +94,11 @@ ECHO_HOP_SAMPLES = 128
 ECHO_HOP_MS = ECHO_HOP_SAMPLES * 1000 / SAMPLE_RATE  # 8.0 ms
 # Band edges in FFT bins of 62.5 Hz: roughly third-octave above 500 Hz.
 ECHO_BAND_EDGES = np.array([2, 4, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 64, 80, 100, 129])
-# Echo delays searched: the brief's 0-300 ms (jitter buffer + device latency
-# + acoustic path as seen by the server); measured echoes here are 20-150 ms.
-DEFAULT_MAX_DELAY_MS = 300
+# Echo delays searched: 0-500 ms, as the server sees them: the page's jitter buffer
+# and output device, the acoustic path, the input device and the server's own
+# receive jitter buffer (aiortc: 4 packets, 80-100 ms). An aiortc client echoing
+# what it received (bench/converse.py) measured ~300 ms; 300 was too short.
+DEFAULT_MAX_DELAY_MS = 500
 # Microphone history the echo path (delay, per-band gain) is estimated on.
 DEFAULT_ECHO_WINDOW_MS = 1000
 # The stretch of microphone audio judged: the newest 2 VAD frames.
