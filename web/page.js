@@ -407,6 +407,7 @@ function onModeChange() {
   // (the mic's echo cancellation keeps it out of the conversation).
   $("muteavatar").checked = mic.mode === "lipsync" || mic.mode === "websocket";
   applyMute();
+  if (mic.mode === "converse") document.querySelector('input[name="saymode"][value="chat"]').checked = true;  // typed turns too
   showMicState();
 }
 
