@@ -4,14 +4,15 @@ Run by hand (not part of the test suite: it needs Debian's ``chromium`` and the
 ``playwright`` Python package, neither of which the project installs)::
 
     apt-get install chromium && .venv/bin/pip install playwright
-    .venv/bin/python bench/browser_check.py [--mic webrtc|websocket] [--out r.json] [--screenshot talking.png]
+    .venv/bin/python bench/browser_check.py [--mic lipsync|websocket] [--out r.json] [--screenshot talking.png]
 
 Starts ``app.py``, opens the page, presses Start, types a sentence and presses
-"Say it" (or, with ``--mic``, picks that microphone mode before Start and switches
-the mic on: Chromium's fake microphone plays ``--mic_wav``, looped), then reads the
-browser's WebRTC stats: frames decoded, frame rate, packets lost, whether audio and
-video arrived in one MediaStream (so the browser lip-syncs them), and the mean
-jitter-buffer delay per track, plus the page's event log. Prints JSON.
+"Send" in echo mode (or, with ``--mic``, picks that lipsync microphone mode before
+Start and switches the mic on: Chromium's fake microphone plays ``--mic_wav``,
+looped), then reads the browser's WebRTC stats: frames decoded, frame rate, packets
+lost, whether audio and video arrived in one MediaStream (so the browser lip-syncs
+them), and the mean jitter-buffer delay per track, plus the page's event log and
+its live stats panel (the last second, and the server's /stats). Prints JSON.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, 
             )
             status = await page.inner_text("#status")
             events = await page.evaluate("eventLog.filter(e => e.source === 'datachannel').map(e => e.type)")
+            panel = await page.evaluate("({...liveStats})")
             await page.evaluate("stop()")
             await browser.close()
     finally:
@@ -84,7 +86,7 @@ async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, 
         n = s.pop("jitterBufferEmittedCount") or 0
         s["mean_jitter_buffer_ms"] = round(1000 * s.pop("jitterBufferDelay") / n, 1) if n else None
     return {"mic": mic, "status": status, "one_media_stream": same_stream, "inbound": stats, "events": events,
-            "seconds": seconds}
+            "stats_panel": panel, "seconds": seconds}
 
 
 def main() -> None:
@@ -92,7 +94,7 @@ def main() -> None:
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--seconds", type=float, default=6.0, help="how long to play before reading stats")
     ap.add_argument("--screenshot", type=Path)
-    ap.add_argument("--mic", choices=("off", "webrtc", "websocket"), default="off",
+    ap.add_argument("--mic", choices=("off", "lipsync", "websocket"), default="off",
                     help="speak into the page's microphone in this mode instead of typing")
     ap.add_argument("--mic_wav", type=Path, default=ROOT.parent / "shared" / "media" / "yongen.wav",
                     help="16-bit PCM WAV that Chromium's fake microphone plays")
