@@ -125,6 +125,11 @@ GAIN_PERCENTILE = 50
 # a syllable. Without it, mic audio arriving in 60-120 ms bursts made the very
 # first echo onset of a session look like a voice (2 of 24 synthetic runs).
 ECHO_FIT_MIN_MS = 200
+# Before any echo delay has been confirmed (a session's first speech), the echo may
+# arrive up to DEFAULT_MAX_DELAY_MS after the reference starts: wait for that much
+# more before trusting a fit (an aiortc client's echo, ~300 ms late, barged in at
+# the session's first reply with 200 ms).
+ECHO_FIT_MIN_FIRST_MS = ECHO_FIT_MIN_MS + DEFAULT_MAX_DELAY_MS
 # Delays whose correlation is within this of the best are all tried (a soft
 # onset gives a broad peak); the one that explains the most energy is used.
 CANDIDATE_CORRELATION_SPAN = 0.15
@@ -345,7 +350,7 @@ def _verdict(
     mic_recent = mic_p[-recent:]
     total = float(mic_recent.sum())
     ref_active_ms = int((ref_p.sum(axis=1) > REF_ACTIVE_POWER).sum()) * ECHO_HOP_MS
-    if ref_active_ms < ECHO_FIT_MIN_MS:
+    if ref_active_ms < (ECHO_FIT_MIN_MS if prior_lag is not None else ECHO_FIT_MIN_FIRST_MS):
         # The avatar has only just started: too little of its echo to fit a
         # model to, so speech now is taken for echo (a user who really started
         # speaking is found once the model fits, ECHO_FIT_MIN_MS later at most).
