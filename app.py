@@ -368,11 +368,14 @@ async def drain(track) -> None:
     await sink.start()
 
 
+SERVER = web.AppKey("server", AvatarServer)  # the app's AvatarServer
+
+
 def build_app(args) -> web.Application:
     """The aiohttp application for ``args`` (see config.parse_args)."""
     server = AvatarServer(args)
     app = web.Application(middlewares=[error_middleware, server.access.middleware], client_max_size=1024 * 1024)
-    app["server"] = server
+    app[SERVER] = server
     app.router.add_post("/offer", server.offer)
     app.router.add_post("/human", server.human)
     app.router.add_post("/humanaudio", server.humanaudio)

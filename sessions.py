@@ -16,9 +16,11 @@ counted by reason in ``avatar_sessions_closed_total``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import secrets
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -150,32 +152,7 @@ class SessionRegistry:
             log.exception("session %s: error while closing (slot freed anyway)", session.id[:8])
         finally:
             self.metrics.remove(session.id)
-            import weakref
-
-            # glibc keeps what a session freed in its heaps (frames are ~0.4 MB, made in
-            # per-thread arenas): once the worker is gone, return the free pages to the
-            # OS (malloc_trim, ~2 ms, off the loop).
-            def trim() -> None:
-                import ctypes
-
-                try:
-                    ctypes.CDLL(None).malloc_trim(0)
-                except (AttributeError, OSError, TypeError):  # not glibc
-                    pass
-
-            def trim_off_loop() -> None:
-                try:
-                    loop.run_in_executor(None, trim)
-                except RuntimeError:  # executor shut down
-                    pass
-
-            def freed() -> None:  # in whichever thread let go of the worker last
-                try:
-                    loop.call_soon_threadsafe(trim_off_loop)
-                except RuntimeError:  # the loop has closed
-                    pass
-
-            weakref.finalize(session.worker, freed).atexit = False
+            trim_heap_when_freed(session.worker, loop)
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(self.close(s, reason) for s in list(self.sessions.values())))
@@ -193,3 +170,30 @@ class SessionRegistry:
                     await self.close(s, "connect_timeout")
                 elif s.connected and a.peer_timeout > 0 and now - s.last_rtcp > a.peer_timeout:
                     await self.close(s, "peer_silent")
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):  # not glibc
+        pass
+
+
+def trim_heap_when_freed(obj: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """Once ``obj`` is freed, return the C heap's free pages to the OS (glibc's
+    ``malloc_trim``, ~2 ms, on the loop's executor). A session's frames (~0.4 MB
+    each) are made in per-thread malloc arenas that glibc otherwise keeps."""
+
+    def trim_off_loop() -> None:
+        try:
+            loop.run_in_executor(None, _malloc_trim)
+        except RuntimeError:  # executor shut down
+            pass
+
+    def freed() -> None:  # in whichever thread let go of ``obj`` last
+        try:
+            loop.call_soon_threadsafe(trim_off_loop)
+        except RuntimeError:  # the loop has closed
+            pass
+
+    weakref.finalize(obj, freed).atexit = False

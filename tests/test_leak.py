@@ -134,7 +134,7 @@ def test_a_closed_session_is_freed_by_reference_counting(tmp_path):
 
     async def run() -> tuple[list[str], str]:
         application = app_mod.build_app(args)
-        server = application["server"]
+        server = application[app_mod.SERVER]
         runner = web.AppRunner(application)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
