@@ -69,6 +69,8 @@ class ChatAgent:
         """
         if self.replying:
             self.worker.interrupt()
+        if self._task is not None:
+            self._task.cancel()  # its LLM stream closes now, not at its next sentence
         utterance = self.worker.open_utterance("chat", text)
         self._utterance = utterance
         self._turn = None  # set by _reply, after the user's text is recorded
