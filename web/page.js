@@ -22,6 +22,8 @@ const PCM_FORMAT = "f32le";
 const SSE_FALLBACK_MS = 3000;     // open /events when the data channel is not open by then
 const ICE_GATHER_TIMEOUT_MS = 4000; // send the offer with the candidates found by then (an unreachable STUN server)
 const CONNECT_TIMEOUT_MS = 15000; // answer received -> connected, or the page gives up and says so
+const REQUEST_TIMEOUT_MS = 15000; // an API call unanswered by then is reported (uploads: UPLOAD_TIMEOUT_MS)
+const UPLOAD_TIMEOUT_MS = 120000;
 const STATS_EVERY_MS = 1000;
 const EVENT_LINES = 12;           // lines kept in the on-page event log
 const ERROR_REPEAT_MS = 2000;     // one error arriving on two event sources is shown once
@@ -34,13 +36,14 @@ const MIC_MODES = {  // value of the radio -> how it works
 };
 
 let pc = null, sessionid = null, token = null, channel = null, ws = null, sse = null;
-let connectTimer = null, statsTimer = null, stopping = false;
+let connectTimer = null, statsTimer = null, stopping = false, connectedOnce = false;
 const config = {loaded: false, ice_servers: [], chat: false, mic_modes: ["off", "lipsync"], api_key_required: false};
 const eventLog = [];              // every event received: {..., source, at}; read by the browser tests
 const liveStats = {};             // the stats panel's figures (numbers); read by the browser tests
 const mic = { mode: "off", on: false, stream: null, track: null, ctx: null, node: null,
               seq: 0, sent: 0, dropped: 0, level: -Infinity };
 const avatarLines = new Map();    // utterance -> its line in the conversation log
+const failedUtterances = new Set(); // utterances an error event named (their "queued" must not hide it)
 const recentErrors = new Map();   // error event's message -> when it last came
 
 const $ = (id) => document.getElementById(id);
@@ -99,12 +102,16 @@ function withToken(url) { const c = credential(); return c ? `${url}&token=${enc
 
 // The API's JSON answer plus the HTTP status; {code: -1, msg} for any failure (network
 // down, a proxy's HTML error page, ...), never a throw.
-async function request(path, init = {}) {
+async function request(path, init = {}, timeoutMs = REQUEST_TIMEOUT_MS) {
   let r;
+  const abort = new AbortController(), timer = setTimeout(() => abort.abort(), timeoutMs);
   try {
-    r = await fetch(path, {...init, headers: authHeaders(init.headers || {})});
+    r = await fetch(path, {...init, headers: authHeaders(init.headers || {}), signal: abort.signal});
   } catch (e) {
-    return {code: -1, http: 0, msg: `the server cannot be reached (${path}: ${e.message || e})`};
+    return {code: -1, http: 0, msg: abort.signal.aborted ? `no answer from the server within ${timeoutMs / 1000} s (${path})`
+                                                         : `the server cannot be reached (${path}: ${e.message || e})`};
+  } finally {
+    clearTimeout(timer);
   }
   let j;
   try { j = await r.json(); } catch (e) { j = {}; }
@@ -134,11 +141,12 @@ async function loadConfig() {
     }
     return false;
   }
-  Object.assign(config, cfg, {loaded: true});
+  Object.assign(config, cfg);
   const [avatars, voices] = await Promise.all([request("/avatars"), request("/voices")]);
   fillAvatars(avatars);
   fillVoices(voices);
   applyFeatures();
+  config.loaded = true;  // the pickers and features are in place
   if ($("status").className === "error" && !pc) status("not connected");
   return true;
 }
@@ -210,6 +218,7 @@ function onEvent(e, source) {
   } else if (e.type === "transcript") {
     logLine("transcript", "you (voice)", e.text);
   } else if (e.type === "error") {
+    if (e.utterance !== undefined) failedUtterances.add(e.utterance);
     const msg = `${e.msg}${e.seq !== undefined ? ` (message ${e.seq})` : ""}`, now = performance.now();
     if (now - (recentErrors.get(msg) ?? -Infinity) > ERROR_REPEAT_MS) showError(msg);
     recentErrors.set(msg, now);
@@ -234,8 +243,14 @@ async function openMic() {
   if (!navigator.mediaDevices) throw new Error("the microphone needs https or localhost");
   // Echo cancellation matters most in converse mode: the avatar's voice from the
   // speakers must not reach the server as the user's.
-  mic.stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true,
-                                                                   noiseSuppression: true, autoGainControl: true}});
+  try {
+    mic.stream = await navigator.mediaDevices.getUserMedia({audio: {channelCount: 1, echoCancellation: true,
+                                                                     noiseSuppression: true, autoGainControl: true}});
+  } catch (e) {
+    if (e.name === "NotAllowedError") throw new Error("the browser refused the microphone: allow it for this page, or choose microphone: off");
+    if (e.name === "NotFoundError") throw new Error("no microphone found: plug one in, or choose microphone: off");
+    throw e;
+  }
   mic.track = mic.stream.getAudioTracks()[0];
   mic.ctx = new AudioContext();
   await mic.ctx.audioWorklet.addModule("/web/mic-worklet.js");
@@ -433,6 +448,8 @@ function onConnectionState() {
   if (state === "connected") {
     clearTimeout(connectTimer);
     status(`connected (session ${short(sessionid)})`);
+    if (connectedOnce) return;  // back after "disconnected"
+    connectedOnce = true;
     // Speech and /ws are refused (409) until the peer has connected: enable them now.
     for (const id of ["say", "hush", "send"]) $(id).disabled = false;
     $("mic").disabled = mic.mode === "off";
@@ -527,6 +544,8 @@ function stop(clearStatus = true) {
   if (pc) pc.close();
   pc = sessionid = token = channel = ws = sse = null;
   previous = {};
+  connectedOnce = false;
+  avatarLines.clear(); failedUtterances.clear();  // utterance numbers start again at 1 in the next session
   if (clearStatus) status("not connected");
   $("start").disabled = false;
   lockSetup(false);
@@ -538,6 +557,7 @@ function stop(clearStatus = true) {
 }
 
 function queued(j, what) {
+  if (failedUtterances.has(j.utterance)) return;  // its error event came first (an LLM that fails at once)
   status(`${what}: utterance ${j.utterance} queued (session ${short(sessionid)})`);
 }
 
@@ -562,7 +582,7 @@ async function sendFile() {
   form.append("interrupt", $("interrupt").checked ? "true" : "false");
   form.append("file", f);
   busy(`uploading ${f.name}\u2026`);
-  const j = await request("/humanaudio", {method: "POST", body: form});
+  const j = await request("/humanaudio", {method: "POST", body: form}, UPLOAD_TIMEOUT_MS);
   if (j.code !== 0) return sessionCallFailed(j, `audio file ${f.name}`);
   queued(j, "audio file");
   logLine("system", "", `audio file ${f.name} (${j.duration_s} s) is utterance ${j.utterance}`);
