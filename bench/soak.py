@@ -92,6 +92,8 @@ async def bench_soak(srv: ServerProcess, sessions: int, minutes: float, sample_s
         await c.connect()
         await asyncio.wait_for(c.first_video.wait(), 20)
     box = mouth_box(clients[0].received.first_frame_bgr)
+    await asyncio.sleep(1.0)
+    idle = clients[0].received.video[-1].copy()  # the closed mouth, before anyone talks: motion is measured from it
     talkers = [asyncio.ensure_future(talk(c, clip, until)) for c in clients]
     samples, offsets = [], []
     t0, f0, next_minute = time.monotonic(), frame_counters(srv.url), 60.0
@@ -104,7 +106,7 @@ async def bench_soak(srv: ServerProcess, sessions: int, minutes: float, sample_s
         samples.append(sample)
         if elapsed >= next_minute:
             rec = clients[0].received
-            lag, r = av_offset(rec, box, t_range=(rec.video_t[-1] - 55, rec.video_t[-1] - 1))
+            lag, r = av_offset(rec, box, t_range=(rec.video_t[-1] - 55, rec.video_t[-1] - 1), reference=idle)
             offsets.append({"minute": round(elapsed / 60), "offset_ms": round(lag * 1000, 1), "r": round(r, 3)})
             next_minute += 60.0
         trim(clients[0], 70.0)
