@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from bench.common import emit, load_speech  # noqa: E402
+from bench.live import ready  # noqa: E402
 from client import AvatarClient, MicrophoneTrack, ServerProcess  # noqa: E402
 from fake_openai import FakeOpenAI  # noqa: E402
 
@@ -87,9 +88,7 @@ async def bench_text(url: str, trials: int, tts_name: str) -> dict:
         synth.append(time.perf_counter() - t0)
     lat = []
     async with AvatarClient(url) as c:
-        await asyncio.wait_for(c.first_video.wait(), 20)
-        await c.open_ws()
-        await asyncio.sleep(1.0)
+        await ready(c)
         for k in range(trials):
             t0 = time.monotonic()
             await c.say(SENTENCE)
@@ -105,9 +104,7 @@ async def bench_text(url: str, trials: int, tts_name: str) -> dict:
 async def bench_chat(url: str, trials: int, first_token_s: float) -> dict:
     lat = []
     async with AvatarClient(url) as c:
-        await asyncio.wait_for(c.first_video.wait(), 20)
-        await c.open_ws()
-        await asyncio.sleep(1.0)
+        await ready(c)
         for k in range(trials):
             t0 = time.monotonic()
             r = await c.post("/human", {"sessionid": c.sessionid, "text": "Hello?", "type": "chat"})
@@ -127,9 +124,7 @@ async def bench_turn(url: str, trials: int, question: np.ndarray) -> dict:
     mic = MicrophoneTrack(c.received)
     c.mic_track, c.mic_mode = mic.track, "converse"
     async with c:
-        await asyncio.wait_for(c.first_video.wait(), 20)
-        await c.open_ws()
-        await asyncio.sleep(1.0)
+        await ready(c)
         for k in range(trials):
             mic.say(question)
             while mic.speech_started_at is None:
@@ -159,9 +154,7 @@ async def bench_barge_in(url: str, trials: int, interjection: np.ndarray, echo_g
     mic = MicrophoneTrack(c.received, echo_gain=echo_gain, echo_delay=0.08)
     c.mic_track, c.mic_mode = mic.track, "converse"
     async with c:
-        await asyncio.wait_for(c.first_video.wait(), 20)
-        await c.open_ws()
-        await asyncio.sleep(1.0)
+        await ready(c)
         for _ in range(trials):
             n = len(c.events_of("playback_started"))
             await c.post("/human", {"sessionid": c.sessionid, "text": "Tell me a story.", "type": "chat"})

@@ -28,6 +28,19 @@ def two_avatars(tmp_path_factory):
     srv.stop()
 
 
+async def refusal(url: str, offer_extra: dict) -> str | None:
+    """The message of an /offer carrying ``offer_extra`` that the server refuses (None if accepted)."""
+    c = AvatarClient(url)
+    c.offer_extra = offer_extra
+    try:
+        await c.connect()
+        return None
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        await c.close()
+
+
 def get(url):
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())
@@ -53,16 +66,7 @@ def test_each_session_gets_the_avatar_it_asks_for_and_stats(two_avatars):
     async def run():
         plain, stats = await first_frame(None)
         mirrored, _ = await first_frame("mirror")
-        c = AvatarClient(two_avatars.url)
-        c.offer_extra = {"avatar": "../etc"}
-        try:
-            await c.connect()
-            refused = None
-        except RuntimeError as e:
-            refused = str(e)
-        finally:
-            await c.close()
-        return plain, mirrored, stats, refused
+        return plain, mirrored, stats, await refusal(two_avatars.url, {"avatar": "../etc"})
 
     plain, mirrored, stats, refused = asyncio.run(run())
     # the mirrored avatar is the default one flipped left-right (up to encoding noise)
@@ -86,16 +90,7 @@ def test_voices_listed_and_validated_per_request(two_avatars):
             await asyncio.wait_for(c.first_video.wait(), 20)
             good = await c.post("/human", {"sessionid": c.sessionid, "text": "Hi.", "type": "echo", "voice": "en-us"})
             bad = await c.post("/human", {"sessionid": c.sessionid, "text": "Hi.", "type": "echo", "voice": "klingon"})
-        c = AvatarClient(two_avatars.url)
-        c.offer_extra = {"voice": "klingon"}
-        try:
-            await c.connect()
-            offer_bad = None
-        except RuntimeError as e:
-            offer_bad = str(e)
-        finally:
-            await c.close()
-        return good, bad, offer_bad
+        return good, bad, await refusal(two_avatars.url, {"voice": "klingon"})
 
     good, bad, offer_bad = asyncio.run(run())
     assert good["code"] == 0 and good["utterance"] == 1
