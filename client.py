@@ -435,8 +435,12 @@ def audio_envelope(rec: Received, times: np.ndarray, window: float = 0.04) -> np
 
 
 def av_offset(rec: Received, box: tuple[int, int, int, int], max_lag: float = 0.2, step: float = 0.005,
-              t_range: tuple[float, float] | None = None, reference: np.ndarray | None = None) -> tuple[float, float]:
+              t_range: tuple[float, float] | None = None, reference: np.ndarray | None = None,
+              held: bool = False) -> tuple[float, float]:
     """Lag (s) that best aligns mouth motion with the audio envelope, and the peak correlation.
+
+    ``held``: each frame is held on screen from its pts until the next (as a display
+    shows it) instead of interpolated between pts; reads about half a frame (20 ms) more.
 
     Both series are put on a ``step`` grid of media time and cross-correlated
     (Pearson) for lags in ``[-max_lag, max_lag]``. A positive lag means the mouth
@@ -449,7 +453,10 @@ def av_offset(rec: Received, box: tuple[int, int, int, int], max_lag: float = 0.
     env = audio_envelope(rec, grid)
     best = (0.0, -1.0)
     for lag in np.arange(-max_lag, max_lag + step / 2, step):
-        m = np.interp(grid + lag, vt, motion)
+        if held:
+            m = motion[np.clip(np.searchsorted(vt, grid + lag, side="right") - 1, 0, len(vt) - 1)]
+        else:
+            m = np.interp(grid + lag, vt, motion)
         if m.std() == 0 or env.std() == 0:
             continue
         r = float(np.corrcoef(m, env)[0, 1])

@@ -164,7 +164,6 @@ class Utterance:
     samples: int = 0  # audio pushed so far
     sent: int = 0  # audio of this utterance sent by the audio track
     started: bool = False
-    finished: bool = False
 
     @property
     def position(self) -> float:
@@ -257,7 +256,6 @@ class PlaybackTracker:
             self._publish(e)
 
     def _finish(self, utt: Utterance, interrupted: bool) -> dict[str, Any]:
-        utt.finished = True
         self._open.pop(utt.id, None)
         self._finished[utt.id] = utt
         while len(self._finished) > FINISHED_KEPT:

@@ -218,26 +218,11 @@ def offline_received(pcm: np.ndarray, avatar, model_factory: Callable[[], object
 
 def held_offset(rec, box: tuple[int, int, int, int], max_lag: float = 0.2, step: float = 0.005,
                 t_range: tuple[float, float] | None = None, reference: np.ndarray | None = None) -> float:
-    """Like ``client.av_offset`` (s, positive = mouth after the sound), but with each
-    video frame held on screen from its pts until the next (as a display shows it)
-    instead of interpolated between pts. Reads about 20 ms (half a frame) more than
-    ``av_offset``: a frame sampled at its pts is seen over the next 40 ms."""
-    from client import audio_envelope, mouth_motion
+    """``client.av_offset`` (s, positive = mouth after the sound) with each video frame
+    held on screen until the next (as a display shows it): ~20 ms more than sampled."""
+    from client import av_offset
 
-    vt = np.asarray(rec.video_t)
-    motion = mouth_motion(rec, box, reference)
-    lo, hi = (vt[0], vt[-1]) if t_range is None else t_range
-    grid = np.arange(lo + max_lag, hi - max_lag, step)
-    env = audio_envelope(rec, grid)
-    best = (0.0, -1.0)
-    for lag in np.arange(-max_lag, max_lag + step / 2, step):
-        m = motion[np.clip(np.searchsorted(vt, grid + lag, side="right") - 1, 0, len(vt) - 1)]
-        if m.std() == 0 or env.std() == 0:
-            continue
-        r = float(np.corrcoef(m, env)[0, 1])
-        if r > best[1]:
-            best = (float(lag), r)
-    return best[0]
+    return av_offset(rec, box, max_lag, step, t_range, reference, held=True)[0]
 
 
 def offline_offset(pcm: np.ndarray, avatar, model_factory: Callable[[], object],

@@ -15,6 +15,7 @@ import pytest
 import chat
 import tts
 from chat import ChatClient, ChatError, Conversation, SentenceSplitter
+from conftest import wait_for
 from fake_openai import FakeOpenAI, split_tokens
 
 THREE = "Hello there, nice to see you. I am the avatar, and I talk! Is that not something?"
@@ -28,15 +29,6 @@ def fake():
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 30))
-
-
-def wait_for(cond, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 async def seen(cond, timeout=2.0):
