@@ -83,7 +83,15 @@ class Utterance:
         """Seconds the clip's end was received later (+) or earlier (-) than its start
         predicts: 0 when nothing was lost or doubled, the idle time when the producer
         stalled, minus the audio of dropped messages."""
-        return self.where(pcm, len(pcm) / 16000 - 0.6) - self.where(pcm, 0.05)
+        start = self.where(pcm, 0.05)
+        for back in (0.6, 0.9, 1.2):  # a window with no idle slot inside (they would blur the match)
+            clip_t = len(pcm) / 16000 - back
+            end = self.where(pcm, clip_t)
+            t = end + clip_t
+            inside = (self.block_t >= t) & (self.block_t < t + 0.5)
+            if not np.any(self.block_rms[inside] <= IDLE_RMS):
+                break
+        return end - start
 
     def span_s(self) -> float:
         """From the utterance's first block to the end of its last non-idle block (s)."""
