@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile the MuseTalk UNet+VAE step at start-up, one static batch size per bucket "
         "(reduce-overhead/max-autotune: CUDA graphs); off: eager",
     )
+    p.add_argument("--musetalk_unet", type=Path, metavar="DIR",
+                   help="a distilled MuseTalk UNet folder (config.json + safetensors from "
+                   "`python -m musetalk.distill`) used instead of the released UNet")
+    p.add_argument("--musetalk_vae", type=Path, metavar="DIR",
+                   help="a distilled tiny decoder folder (AutoencoderTiny from `python -m musetalk.distill`) that "
+                   "decodes instead of the SD VAE's decoder (the SD VAE still encodes the avatar)")
     p.add_argument("--bbox_shift", type=int, default=0, help="MuseTalk v1.0 face-box centre shift (px)")
     p.add_argument("--extra_margin", type=int, help="MuseTalk v1.5 extra margin below the chin (px; default 10 for v1.5, 0 for v1)")
     p.add_argument(

@@ -64,7 +64,8 @@ def musetalk_model_factory(args, avatar) -> Callable[[], MuseTalkModel]:
     from musetalk.prepare import prepare_musetalk
 
     dtype = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.musetalk_dtype]
-    models = load_models(args.models_dir, version=args.musetalk_version, dtype=dtype)
+    models = load_models(args.models_dir, version=args.musetalk_version, dtype=dtype,
+                         unet_dir=getattr(args, "musetalk_unet", None), vae_dir=getattr(args, "musetalk_vae", None))
     if torch.device(models.device).type == "cpu":
         log.warning("MuseTalk runs on the CPU: far below real time with the released weights")
     parsing = None

@@ -47,6 +47,9 @@ __all__ = [
     "load_vae",
     "load_whisper_encoder",
     "load_models",
+    "load_unet_folder",
+    "load_vae_folder",
+    "DecoderSwapVAE",
     "normalize_version",
     "positional_encoding",
 ]
@@ -76,6 +79,11 @@ UNET_OUT_CHANNELS = 4
 AUDIO_PE_DIM = 384
 AUDIO_PE_MAX_LEN = 5000
 PE_BASE = 10000.0
+
+# Distilled models (``python -m musetalk.distill``): diffusers ``save_pretrained`` folders.
+FOLDER_CONFIG_NAME = "config.json"
+FOLDER_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+DISTILL_HINT = "write it with `python -m musetalk.distill` (README, 'A distilled MuseTalk')"
 
 DOWNLOAD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_weights.sh"
 
@@ -604,6 +612,161 @@ class AudioPositionalEncoding(nn.Module):
         return x + self.pe[:, : x.shape[1]].to(x.dtype)
 
 
+def _folder_files(folder: Path | str, what: str) -> tuple[Path, Path, dict]:
+    """(config.json, weights file, config) of a ``save_pretrained`` folder.
+
+    Raises:
+        MissingWeightsError: the folder, its config or its weights are missing or
+            unreadable (the message names the expected files).
+    """
+    folder = Path(folder).expanduser().resolve()
+    config_path = folder / FOLDER_CONFIG_NAME
+    candidates = [folder / name for name in FOLDER_WEIGHT_NAMES]
+    states = {p: _file_problem(p) for p in [config_path, *candidates]}
+    weights = next((p for p in candidates if states[p] is None), None)
+    if states[config_path] is None and weights is not None:
+        return config_path, weights, json.loads(config_path.read_text())
+    lines = [f"{what} folder {folder} is incomplete:"]
+    lines += [f"  {p}  [{'ok' if s is None else s}]" for p, s in states.items()]
+    lines.append(f"  ({FOLDER_CONFIG_NAME} and one of the weight files are needed; {DISTILL_HINT})")
+    missing = [p for p, s in states.items() if s == "missing"]
+    problems = {p: s for p, s in states.items() if s not in (None, "missing")}
+    raise MissingWeightsError("\n".join(lines), missing, problems)
+
+
+def _folder_error(path: Path, reason: str) -> MissingWeightsError:
+    return MissingWeightsError(f"{path}: {reason} ({DISTILL_HINT})", [], {path: reason})
+
+
+def _load_state(path: Path) -> dict:
+    """A ``.safetensors`` or ``torch.save``'d state dict, as MissingWeightsError on failure."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors / torch / pickle raise many types
+        raise _folder_error(path, f"cannot read weights: {type(exc).__name__}: {exc}"[:300]) from exc
+
+
+def load_unet_folder(folder: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """A MuseTalk-compatible UNet from a diffusers folder (``--musetalk_unet``).
+
+    The folder is what ``UNet2DConditionModel.save_pretrained`` writes (the
+    distilled student of ``python -m musetalk.distill``): ``config.json`` +
+    ``diffusion_pytorch_model.safetensors`` (or ``.bin``). Like :func:`load_unet`,
+    the model is built on the meta device and the weights are loaded strictly.
+
+    Returns:
+        ``UNet2DConditionModel`` in eval mode, requires_grad False, on ``device``
+        in ``dtype``: (B, 8, 32, 32), t = 0, (B, 50, 384) -> ``.sample`` (B, 4, 32, 32).
+    Raises:
+        MissingWeightsError: missing/unreadable files, a config that is not an
+            8 -> 4 channel UNet2DConditionModel, or weights that do not match it.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config_path, weights, config = _folder_files(folder, "UNet")
+    kind = config.get("_class_name", "UNet2DConditionModel")
+    channels = (config.get("in_channels"), config.get("out_channels"))
+    if kind != "UNet2DConditionModel" or channels != (UNET_IN_CHANNELS, UNET_OUT_CHANNELS):
+        raise _folder_error(config_path, f"not a MuseTalk UNet config ({kind}, in/out channels {channels}; "
+                                         f"expected UNet2DConditionModel, ({UNET_IN_CHANNELS}, {UNET_OUT_CHANNELS}))")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    state = _load_state(weights)
+    problem = _state_dict_mismatch(unet, state)
+    if problem:
+        raise _folder_error(weights, f"{problem} (from {config_path.name})")
+    unet.load_state_dict(state, strict=True, assign=True)
+    return _freeze(unet, device, dtype)
+
+
+class DecoderSwapVAE(nn.Module):
+    """The SD VAE's encoder with another decoder (a distilled ``AutoencoderTiny``).
+
+    MuseTalk's UNet works on SD latents, so avatar preparation still encodes with
+    the SD VAE (``encode``, ``encoder``, ``quant_conv`` and ``config`` are its own:
+    ``musetalk.prepare.vae_identity`` and the cached latents do not change), and
+    only decoding goes through the tiny decoder. ``decode`` takes UNSCALED latents
+    like ``AutoencoderKL.decode`` (the engine divides by VAE_SCALE) and hands the
+    tiny decoder scaled ones (x VAE_SCALE: TAESD's convention).
+
+    Args:
+        vae: the SD ``AutoencoderKL`` (sd-vae-ft-mse).
+        decoder: a diffusers ``AutoencoderTiny`` (only its decoder is used).
+    """
+
+    def __init__(self, vae: nn.Module, decoder: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.tiny = decoder
+
+    @property
+    def config(self):
+        return self.vae.config
+
+    @property
+    def encoder(self):
+        return self.vae.encoder
+
+    @property
+    def quant_conv(self):
+        return self.vae.quant_conv
+
+    @property
+    def device(self) -> torch.device:
+        return self.vae.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """The SD VAE's ``encode`` ((B, 3, 256, 256) in [-1, 1] -> latent distribution)."""
+        return self.vae.encode(x, return_dict=return_dict)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        """(B, 4, h, w) unscaled latents -> ``.sample`` (B, 3, 8h, 8w) in about [-1, 1]."""
+        from musetalk.inference import VAE_SCALE
+
+        return self.tiny.decode(z * VAE_SCALE, return_dict=return_dict)
+
+
+def load_vae_folder(folder: Path | str, vae: nn.Module, device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The VAE of ``--musetalk_vae``: a diffusers folder (``config.json`` + weights).
+
+    ``AutoencoderTiny`` (the distilled decoder of ``python -m musetalk.distill``, or
+    TAESD): returned as :class:`DecoderSwapVAE` around ``vae`` (the SD VAE keeps
+    encoding). ``AutoencoderKL`` (another full VAE): returned as is; it encodes and
+    decodes, and the avatar's cache key changes with its encoder.
+
+    Raises:
+        MissingWeightsError: missing/unreadable files, another class, or weights
+            that do not match the config.
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    config_path, weights, config = _folder_files(folder, "VAE")
+    classes = {"AutoencoderTiny": AutoencoderTiny, "AutoencoderKL": AutoencoderKL}
+    cls = classes.get(config.get("_class_name"))
+    if cls is None:
+        raise _folder_error(config_path, f"_class_name {config.get('_class_name')!r} is not one of {sorted(classes)}")
+    try:
+        model, info = cls.from_pretrained(config_path.parent, torch_dtype=dtype, low_cpu_mem_usage=False,
+                                          use_safetensors=weights.suffix == ".safetensors", output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise _folder_error(weights, f"from_pretrained failed: {exc}"[:300]) from exc
+    wrong = {k: v for k, v in info.items() if v}
+    if wrong:
+        detail = "; ".join(f"{k}: {', '.join(map(str, v[:_MAX_EXAMPLES]))}" for k, v in wrong.items())
+        raise _folder_error(weights, f"state dict does not match config.json ({detail})")
+    model = _freeze(model, device, dtype)
+    return DecoderSwapVAE(vae, model) if cls is AutoencoderTiny else model
+
+
 @dataclass
 class MuseTalkModels:
     """Everything MuseTalk inference needs, on one device.
@@ -641,6 +804,8 @@ def load_models(
     version: str = "v15",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    unet_dir: Path | str | None = None,
+    vae_dir: Path | str | None = None,
 ) -> MuseTalkModels:
     """Find and load all MuseTalk weights of ``version`` under ``models_dir``.
 
@@ -651,6 +816,10 @@ def load_models(
         dtype: of the UNet, the VAE and the positional encoding; default float16
             on CUDA, float32 otherwise. The Whisper encoder is float32 whatever it is
             (see :class:`MuseTalkModels`).
+        unet_dir: a distilled (student) UNet folder to use instead of the released
+            UNet (:func:`load_unet_folder`; ``--musetalk_unet``).
+        vae_dir: a VAE folder whose decoder replaces the SD VAE's
+            (:func:`load_vae_folder`; ``--musetalk_vae``).
     Raises:
         ValueError: unknown version.
         MissingWeightsError: missing or unreadable files, or a Whisper width that
@@ -661,8 +830,10 @@ def load_models(
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
-    unet = load_unet(paths, device, dtype)
+    unet = load_unet(paths, device, dtype) if unet_dir is None else load_unet_folder(unet_dir, device, dtype)
     vae = load_vae(paths, device, dtype)
+    if vae_dir is not None:
+        vae = load_vae_folder(vae_dir, vae, device, dtype)
     whisper = load_whisper_encoder(paths, device, torch.float32)
     width = unet.config.cross_attention_dim
     if whisper.ln_post.normalized_shape[0] != width:
@@ -679,9 +850,9 @@ def load_models(
         device,
         dtype,
         time.perf_counter() - start,
-        _count(unet),
+        f"{_count(unet)}{f' (student from {unet_dir})' if unet_dir is not None else ''}",
         _count(vae),
-        paths.vae_dir.name,
+        paths.vae_dir.name + (f" + decoder from {vae_dir}" if vae_dir is not None else ""),
         _count(whisper),
         paths.whisper.name,
         ", face parsing available" if paths.face_parse else "",

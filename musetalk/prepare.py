@@ -285,9 +285,20 @@ def vae_identity(vae) -> str:
     """Hex digest identifying what a VAE's encoder computes: its config (public keys)
     and the float32 bytes of the encoder's first and last convolutions and
     ``quant_conv`` (a changed encoder changes these; fine-tuned decoders such as
-    sd-vae-ft-mse vs -ema share the encoder and give identical latents)."""
+    sd-vae-ft-mse vs -ema share the encoder and give identical latents).
+
+    A VAE whose encoder has no ``conv_in`` (another class, e.g. diffusers'
+    ``AutoencoderTiny``) is identified by its class name and every encoder
+    parameter instead. ``musetalk.models.DecoderSwapVAE`` (SD encoder + distilled
+    decoder) has the SD VAE's identity: its latents are the SD VAE's."""
     h = hashlib.sha1(json.dumps({k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
                                 sort_keys=True, default=str).encode())
+    if not hasattr(vae.encoder, "conv_in"):
+        h.update(type(vae).__name__.encode())
+        for name, tensor in vae.encoder.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
     for module in (vae.encoder.conv_in, vae.encoder.conv_out, getattr(vae, "quant_conv", None)):
         if module is not None:
             h.update(module.weight.detach().float().cpu().numpy().tobytes())
