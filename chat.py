@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 
 MAX_SENTENCE_CHARS = 120  # a sentence longer than this is cut at a clause boundary (chars)
+# A reply's first piece is cut early, at its first clause mark or after this many
+# words, so that speech starts before the LLM has written a whole sentence and the
+# TTS has voiced it (the "fast sentence fragment" of RealtimeTTS). 6 words: piper
+# voices them in ~45 ms here, ~1.6 s of speech that covers the next piece's wait.
+FIRST_PIECE_WORDS = 6
 CONNECT_TIMEOUT_S = 5.0  # TCP/TLS connect to the endpoint (s)
 FIRST_TOKEN_TIMEOUT_S = 20.0  # request sent -> first content token (s); a cold local model may be slow
 TOKEN_TIMEOUT_S = 10.0  # longest gap between two tokens (s)
@@ -148,17 +153,56 @@ class SentenceSplitter:
     :meth:`flush` returns the rest at the end of the stream. For text whose
     sentences are all within ``max_chars``, the pieces are exactly
     ``split_sentences(whole_text, max_chars)``, however the text was chunked.
+
+    With ``first_words`` > 0 the first piece is cut early: at its first clause mark
+    or after ``first_words`` whole words, unless its sentence ends first (the rest of
+    that sentence is then the second piece).
     """
 
-    def __init__(self, max_chars: int = MAX_SENTENCE_CHARS) -> None:
+    def __init__(self, max_chars: int = MAX_SENTENCE_CHARS, first_words: int = 0) -> None:
         if max_chars < 1:
             raise ValueError(f"max_chars must be >= 1, got {max_chars!r}")
+        if first_words < 0:
+            raise ValueError(f"first_words must be >= 0, got {first_words!r}")
         self.max_chars = max_chars
+        self.first_words = first_words
         self._buf = ""
+        self._emitted = False
 
     def feed(self, text: str) -> list[str]:
         """Add streamed text; returns the sentences it completed (maybe none)."""
         self._buf += text
+        out = self._first_piece() if self.first_words and not self._emitted else []
+        out += self._sentences()
+        self._emitted = self._emitted or bool(out)
+        return out
+
+    def _first_piece(self) -> list[str]:
+        """The reply's first piece, ahead of its sentence end: the text up to the first
+        clause mark (``, :`` + whitespace, ``，、：；``) or up to ``first_words`` whole
+        words, whichever comes first; none while the buffer has neither (or already
+        holds a sentence end, which :meth:`_sentences` cuts)."""
+        if _settled_end(self._buf):
+            return []
+        words = 0
+        for i, ch in enumerate(self._buf[:-1]):
+            nxt = self._buf[i + 1]
+            if ch in _CLAUSE_CJK or (ch in _CLAUSE_WESTERN and nxt.isspace()):
+                cut = i + 1
+            elif not ch.isspace() and nxt.isspace():
+                words += 1
+                if words < self.first_words:
+                    continue
+                cut = i + 1
+            else:
+                continue
+            piece = self._buf[:cut].strip()
+            if piece:
+                self._buf = self._buf[cut:].lstrip()
+                return [piece]
+        return []
+
+    def _sentences(self) -> list[str]:
         out: list[str] = []
         end = _settled_end(self._buf)
         if end:
@@ -249,6 +293,8 @@ class ChatClient:
         first_token_timeout: request start -> first content token limit (s).
         token_timeout: longest gap between content tokens (s).
         max_sentence_chars: sentences longer than this are cut at clause boundaries.
+        first_piece_words: a reply's first piece ends at its first clause mark or
+            after this many words (0: at its first sentence end, like the others).
         extra: more ``chat.completions.create`` arguments (``temperature``, ...).
     """
 
@@ -262,6 +308,7 @@ class ChatClient:
         first_token_timeout: float = FIRST_TOKEN_TIMEOUT_S,
         token_timeout: float = TOKEN_TIMEOUT_S,
         max_sentence_chars: int = MAX_SENTENCE_CHARS,
+        first_piece_words: int = FIRST_PIECE_WORDS,
         extra: Optional[dict[str, Any]] = None,
     ) -> None:
         self.url = _base_url(url)
@@ -270,6 +317,7 @@ class ChatClient:
         self.first_token_timeout = first_token_timeout
         self.token_timeout = token_timeout
         self.max_sentence_chars = max_sentence_chars
+        self.first_piece_words = first_piece_words
         self.extra = dict(extra or {})
         self._model_lock = asyncio.Lock()
         self._api = openai.AsyncOpenAI(
@@ -290,6 +338,7 @@ class ChatClient:
             model=getattr(args, "llm_model", None),
             system_prompt=getattr(args, "llm_system_prompt", DEFAULT_SYSTEM_PROMPT),
             first_token_timeout=getattr(args, "llm_timeout", FIRST_TOKEN_TIMEOUT_S),
+            first_piece_words=getattr(args, "llm_first_words", FIRST_PIECE_WORDS),
         )
 
     def messages(self, history: Sequence[Message], user_text: str) -> list[Message]:
@@ -416,7 +465,7 @@ class ChatReply:
         """The reader task: stream tokens, queue sentences, then ``_END``."""
         client, loop = self._client, asyncio.get_running_loop()
         t0 = loop.time()
-        splitter = SentenceSplitter(client.max_sentence_chars)
+        splitter = SentenceSplitter(client.max_sentence_chars, client.first_piece_words)
         got_token = False
 
         def put(sentences: list[str]) -> None:
@@ -689,3 +738,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--llm_model", help="model name (default: the endpoint's first listed model)")
     g.add_argument("--llm_system_prompt", default=DEFAULT_SYSTEM_PROMPT, help="system prompt sent first")
     g.add_argument("--llm_timeout", type=float, default=FIRST_TOKEN_TIMEOUT_S, help="first-token limit (s)")
+    g.add_argument("--llm_first_words", type=int, default=FIRST_PIECE_WORDS,
+                   help="speak a reply's first piece after this many words or its first clause mark, "
+                        "before its sentence ends (0: wait for the sentence end)")

@@ -19,6 +19,8 @@ from conftest import wait_for
 from fake_openai import FakeOpenAI, split_tokens
 
 THREE = "Hello there, nice to see you. I am the avatar, and I talk! Is that not something?"
+# how a reply of THREE is spoken: its first piece cut at the first clause mark
+THREE_PIECES = ["Hello there,", "nice to see you.", "I am the avatar, and I talk!", "Is that not something?"]
 
 
 @pytest.fixture
@@ -100,6 +102,30 @@ def test_splitter_cuts_a_long_sentence_at_clauses_before_it_ends():
     assert all(len(p) <= 50 for p in pieces) and " ".join(pieces) == words
 
 
+
+def test_splitter_first_piece_is_cut_early_then_sentences_as_usual():
+    text = "This is sentence number one of a long story. And this is the second one."
+    sp, pieces = SentenceSplitter(120, first_words=4), []
+    fed = ""
+    for tok in split_tokens(text):
+        got = sp.feed(tok)
+        fed += tok
+        if got and not pieces:
+            assert fed.split()[:4] == "This is sentence number".split() and len(fed.split()) == 5  # at the 5th token
+        pieces += got
+    pieces += sp.flush()
+    assert pieces == ["This is sentence number", "one of a long story.", "And this is the second one."]
+    # the first clause mark comes before the word count
+    sp = SentenceSplitter(120, first_words=6)
+    assert [p for tok in split_tokens("Well, I think so. Yes.") for p in sp.feed(tok)] + sp.flush() == [
+        "Well,", "I think so.", "Yes."]
+    # a first sentence shorter than the count is cut at its end, as without first_words
+    sp = SentenceSplitter(120, first_words=6)
+    assert [p for tok in split_tokens("Hi there. How are you today my friend?") for p in sp.feed(tok)] + sp.flush() == [
+        "Hi there.", "How are you today my friend?"]
+    with pytest.raises(ValueError):
+        SentenceSplitter(120, first_words=-1)
+
 # -- streaming ---------------------------------------------------------------------------
 
 
@@ -116,14 +142,16 @@ def test_sentences_come_out_as_tokens_arrive(fake):
         return reply
 
     reply = run(go())
-    assert [s for _, s in got] == tts.split_sentences(THREE, 120)
+    assert [s for _, s in got] == THREE_PIECES
     rec = fake.chats[-1]
     assert rec.completed and not rec.closed_early
     t_last_token = rec.sent[-1][0]
     assert got[0][0] < t_last_token - 0.3, "first sentence only after the last token"
-    # the first sentence is out right after the token that shows it ended (" I")
-    k = next(i for i, (_, tok) in enumerate(rec.sent) if tok == " I")
-    assert rec.sent[k][0] <= got[0][0] < rec.sent[k][0] + 0.2
+    # the first piece is out right after the token that shows its clause ended (" nice"),
+    # the first sentence right after the token that shows it ended (" I")
+    for piece, shown_by in ((0, " nice"), (1, " I")):
+        k = next(i for i, (_, tok) in enumerate(rec.sent) if tok == shown_by)
+        assert rec.sent[k][0] <= got[piece][0] < rec.sent[k][0] + 0.2
     assert reply.first_token_s < reply.first_sentence_s < t_last_token - rec.t_start
     assert reply.text == THREE
 
@@ -214,7 +242,7 @@ def test_request_carries_system_prompt_history_and_key(fake, monkeypatch):
         await client.aclose()
         return sentences
 
-    assert run(go()) == tts.split_sentences(THREE, 120)
+    assert run(go()) == THREE_PIECES
     rec = fake.chats[-1]
     assert rec.messages == [
         {"role": "system", "content": "Be brief."},

@@ -58,7 +58,8 @@ def test_reply_starts_before_the_last_token_and_records_what_played(chat_server,
     c, r, texts, t_first_text = asyncio.run(run())
     first = fake.chats[0]
     assert first.messages[-1] == {"role": "user", "content": "Who are you?"}
-    assert texts[0]["text"] == "Hello there, it is nice to meet you." and texts[0]["utterance"] == r["utterance"]
+    # the reply's first piece (cut at its first clause mark), then whole sentences
+    assert texts[0]["text"] == "Hello there," and texts[0]["utterance"] == r["utterance"]
     # the first sentence played while the LLM was still sending the rest
     assert t_first_text < first.sent[-1][0] - 1.0, (t_first_text - first.t_start, first.sent[-1][0] - first.t_start)
     finished = c.events_of("playback_finished")[0]
