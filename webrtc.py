@@ -11,6 +11,12 @@ frames (counted as dropped) instead of sending a burst, so the pair stays within
 one frame. Audio is never skipped: a late audio chunk goes out at once.
 Each track's first frame is slot/chunk 0, so a receiver can align the two
 streams by their first pts.
+
+More viewers of one session (WHEP viewers, a WHIP push, a Janus publisher) get
+their own pair of tracks with ``primary=False`` and a shared :class:`JoinPoint`:
+they start at the next slot on the already running clock (video slot ``s``, audio
+chunk ``2s``), read the same units with the same pts, and leave the session's
+metrics, playback events and echo tap to the primary pair.
 """
 
 from __future__ import annotations
@@ -47,14 +53,47 @@ log = logging.getLogger(__name__)
 LATE_MS = FRAME_MS // 2  # a frame sent more than half a frame after due counts as late
 
 
+class JoinPoint:
+    """The slot at which a secondary pair of tracks joins a running session clock.
+
+    The first of the pair to ask fixes it (the slot after the current one, so its
+    first frame waits for its due time instead of going out late); the other gets
+    the same, so the pair's first video frame and first audio chunk are one unit.
+    """
+
+    def __init__(self) -> None:
+        self.slot: int | None = None
+
+    def first_slot(self, clock) -> int:
+        if self.slot is None:
+            self.slot = max(0, clock.current_slot() + 1)
+        return self.slot
+
+
+JOIN_POLL_S = FRAME_MS / 1000  # a secondary track polls this often for the session clock to start
+
+
 class _SessionTrack(MediaStreamTrack):
-    def __init__(self, worker: "BaseReal") -> None:
+    def __init__(self, worker: "BaseReal", join: JoinPoint | None = None) -> None:
         super().__init__()
         self.worker = worker
         self.clock = worker.clock
         self.playout = worker.playout
         self.metrics = worker.metrics
         self._next = 0
+        self.join = join  # None: the session's primary track (starts the clock at slot 0)
+        self.primary = join is None
+
+    async def _start(self, per_slot: int) -> None:
+        """Start the clock (primary), or wait for it and take the join slot (secondary)."""
+        if self.primary:
+            self.clock.start()
+            return
+        while not self.clock.started:  # the session's own peer has not started its tracks yet
+            self._check_live()
+            await asyncio.sleep(JOIN_POLL_S)
+        if self._next == 0:
+            self._next = self.join.first_slot(self.clock) * per_slot
 
     async def _wait_until(self, due: float) -> float:
         now = self.clock.now()
@@ -75,13 +114,14 @@ class AvatarVideoTrack(_SessionTrack):
 
     async def recv(self) -> VideoFrame:
         self._check_live()
-        self.clock.start()
+        await self._start(1)
         slot = self._next
         now = self.clock.now()
         if slot > 0 and now - self.clock.slot_due(slot) > self.worker.options.drop_threshold_ms / 1000:
             nearest = self.clock.current_slot(now + FRAME_MS / 2000)  # round, not floor
             if nearest > slot:
-                self.metrics.video_dropped(nearest - slot)
+                if self.primary:
+                    self.metrics.video_dropped(nearest - slot)
                 slot = nearest
         now = await self._wait_until(self.clock.slot_due(slot))
         lateness = now - self.clock.slot_due(slot) if slot > 0 else 0.0
@@ -90,6 +130,8 @@ class AvatarVideoTrack(_SessionTrack):
         frame.pts = video_pts(slot)
         frame.time_base = VIDEO_TIME_BASE
         self._next = slot + 1
+        if not self.primary:
+            return frame
         self.metrics.video_sent(speech=not unit.idle, late=lateness > LATE_MS / 1000, lateness=lateness)
         if not unit.idle:
             unit.stamps["sent"] = now
@@ -113,8 +155,8 @@ class AvatarAudioTrack(_SessionTrack):
 
     kind = "audio"
 
-    def __init__(self, worker: "BaseReal") -> None:
-        super().__init__(worker)
+    def __init__(self, worker: "BaseReal", join: JoinPoint | None = None) -> None:
+        super().__init__(worker, join)
         self._upsampler = StreamResampler(SAMPLE_RATE, TRACK_RATE)
         self._pending = np.zeros(0, np.float32)  # upsampled audio not yet sent
         self.on_sent: Callable[[np.ndarray], None] | None = None  # gets each int16 16 kHz chunk sent
@@ -131,7 +173,7 @@ class AvatarAudioTrack(_SessionTrack):
 
     async def recv(self) -> AudioFrame:
         self._check_live()
-        self.clock.start()
+        await self._start(AUDIO_CHUNKS_PER_FRAME)
         chunk = self._next
         await self._wait_until(self.clock.chunk_due(chunk))
         unit = self.playout.unit_for_slot(chunk_slot(chunk))
@@ -141,22 +183,23 @@ class AvatarAudioTrack(_SessionTrack):
             samples = unit.audio[part * CHUNK_SAMPLES : (part + 1) * CHUNK_SAMPLES]
         else:  # interrupted mid-slot: the rest is silence
             samples = SILENCE[:CHUNK_SAMPLES]
-        if self.on_sent is not None:
+        if self.on_sent is not None and self.primary:
             self.on_sent(samples)
         frame = AudioFrame.from_ndarray(self._upsample(samples).reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = TRACK_RATE
         frame.pts = chunk * TRACK_CHUNK
         frame.time_base = TRACK_TIME_BASE
         self._next = chunk + 1
-        self.metrics.audio_sent()
-        self.worker.playback.on_chunk(unit, part, audible, chunk)
+        if self.primary:
+            self.metrics.audio_sent()
+            self.worker.playback.on_chunk(unit, part, audible, chunk)
         return frame
 
 
 MAX_SDP_BYTES = 64 * 1024  # an offer with a few m-lines and all its candidates is ~3-10 KB
 
 
-def check_offer(sdp: str) -> None:
+def check_offer(sdp: str, send: bool = False, candidates: bool = True) -> None:
     """Refuse an offer that can never connect, before any session is made for it.
 
     Checks (RFC 8829/8839 requirements a non-trickle offer must meet): size at most
@@ -164,6 +207,11 @@ def check_offer(sdp: str) -> None:
     username fragment; at least one UDP candidate (the offer carries its candidates:
     no trickle on ``/offer``); at least one audio or video section that can receive
     (``recvonly`` or ``sendrecv``).
+
+    ``send``: the offerer publishes (WHIP): an audio section that can send
+    (``sendonly`` or ``sendrecv``) is required instead. ``candidates=False``: an
+    offer without candidates passes (WHEP/WHIP players that send their offer before
+    gathering; ICE then finds their address from their connectivity checks).
 
     Raises:
         ValueError: with what is wrong, in words a client developer can act on.
@@ -179,14 +227,16 @@ def check_offer(sdp: str) -> None:
     media = [m for m in desc.media if m.kind in ("audio", "video")]
     if not media:
         raise ValueError("the offer has no audio or video section")
-    if not any(m.direction in ("recvonly", "sendrecv") for m in media):
+    if send and not any(m.kind == "audio" and m.direction in ("sendonly", "sendrecv") for m in media):
+        raise ValueError("the offer sends no audio (no sendonly/sendrecv audio section)")
+    if not send and not any(m.direction in ("recvonly", "sendrecv") for m in media):
         raise ValueError("the offer receives neither audio nor video (no recvonly/sendrecv section)")
     for m in media:
         if m.dtls is None or not m.dtls.fingerprints:
             raise ValueError(f"the {m.kind} section has no a=fingerprint (or no a=setup): DTLS cannot be set up")
         if m.ice is None or not m.ice.usernameFragment:
             raise ValueError(f"the {m.kind} section has no a=ice-ufrag")
-    if not any(c.protocol.lower() == "udp" for m in media for c in m.ice_candidates):
+    if candidates and not any(c.protocol.lower() == "udp" for m in media for c in m.ice_candidates):
         raise ValueError("the offer has no UDP ICE candidate (gather candidates before sending the offer)")
 
 

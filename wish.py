@@ -1,0 +1,277 @@
+"""WISH signalling (WebRTC-HTTP: WHIP, RFC 9725; WHEP, draft-ietf-wish-whep-03): the parts both share.
+
+A WHEP viewer or a WHIP publisher is a *resource*: one peer connection attached to
+a session, created by ``POST`` of an SDP offer (``201 Created``, the answer, and its
+URL in ``Location``), ended by ``DELETE`` on that URL. This module holds:
+
+- :func:`read_sdp`: the offer body, bounded (``Content-Type: application/sdp`` or
+  415, at most ``webrtc.MAX_SDP_BYTES`` or 413, within ``--request_timeout`` or 408).
+- :class:`Resource` and :class:`Resources`: per-session bookkeeping and limits, and
+  one watchdog that ends a resource whose peer never connected
+  (``--connect_timeout``), went silent (no RTCP for ``--peer_timeout`` s, as
+  ``sessions.py`` does for a session's own peer) or failed, and every resource of a
+  session that closed. A resource's end never touches its session.
+- The shared answers: ``DELETE`` (200), ``PATCH`` (405 with ``Allow``: these
+  endpoints support neither trickle ICE nor ICE restarts; RFC 9725 section 4.3.1 and
+  the WHEP draft's same section say 405 then), ``OPTIONS`` (204 with ``Accept-Post:
+  application/sdp`` and the allowed methods, without PATCH, which tells clients
+  such as Eyevinn's to send their candidates in the offer).
+
+Offers without candidates are accepted (players that POST before gathering, like
+``whip-whep``'s WHEP client): ICE learns their address from their checks against
+the candidates in our answer (peer-reflexive candidates, RFC 8445 section 7.3.1.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from aiohttp import web
+
+from api import HTTPError
+from webrtc import MAX_SDP_BYTES, check_offer
+
+if TYPE_CHECKING:
+    from aiortc import RTCPeerConnection
+
+    from sessions import Session
+
+log = logging.getLogger(__name__)
+
+SDP_TYPE = "application/sdp"
+RESOURCE_ID_BYTES = 12  # 96-bit resource ids (unguessable; DELETE also needs the session's token)
+WATCH_INTERVAL_S = 0.5  # how often the watchdog looks at resources
+RESOURCE_METHODS = "DELETE, OPTIONS"  # what a resource URL supports (the Allow of PATCH's 405)
+ENDPOINT_METHODS = "POST, OPTIONS"  # what an endpoint URL supports
+
+
+async def read_sdp(request: web.Request, timeout: float) -> str:
+    """The SDP offer of a WHIP/WHEP ``POST``.
+
+    Raises:
+        HTTPError: 415 (not ``application/sdp``), 413 (over MAX_SDP_BYTES),
+            408 (not received within ``timeout`` s), 400 (empty or not UTF-8).
+    """
+    if request.content_type != SDP_TYPE:
+        raise HTTPError(415, f"Content-Type must be {SDP_TYPE} (the SDP offer), got {request.content_type[:60]!r}")
+    if request.content_length is not None and request.content_length > MAX_SDP_BYTES:
+        raise HTTPError(413, f"offer of {request.content_length} bytes exceeds {MAX_SDP_BYTES}")
+    data = bytearray()
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.content.iter_chunked(1 << 14):
+                data.extend(chunk)
+                if len(data) > MAX_SDP_BYTES:
+                    raise HTTPError(413, f"offer exceeds {MAX_SDP_BYTES} bytes")
+    except TimeoutError as e:
+        raise HTTPError(408, f"offer not received within {timeout:g} s") from e
+    try:
+        sdp = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HTTPError(400, f"the offer is not UTF-8: {e.reason}") from e
+    if not sdp.strip():
+        raise HTTPError(400, "empty offer: POST the SDP offer as the body")
+    return sdp
+
+
+def check_wish_offer(sdp: str, send: bool) -> None:
+    """``webrtc.check_offer`` for WHIP (``send``) or WHEP offers; candidates optional.
+    Raises HTTPError(400) with what is wrong."""
+    try:
+        check_offer(sdp, send=send, candidates=False)
+    except ValueError as e:
+        raise HTTPError(400, f"bad offer: {e}") from e
+
+
+def created(answer_sdp: str, location: str, headers: dict[str, str] | None = None) -> web.Response:
+    """``201 Created`` with the SDP answer and the resource's ``Location``."""
+    return web.Response(status=201, body=answer_sdp.encode(), content_type=SDP_TYPE,
+                        headers={"Location": location, "Access-Control-Expose-Headers": "Location",
+                                 **(headers or {})})
+
+
+class Resource:
+    """A peer connection attached to a session (a WHEP viewer or a WHIP publisher).
+
+    Attributes:
+        kind: "whep" or "whip" (the URL prefix).
+        id: random hex id; its URL is ``/<kind>/<session id>/<id>``.
+        connected: its peer connected at least once.
+        last_heard: monotonic time (s) of the last RTCP packet from its peer.
+        owns_session: DELETE of this resource closes the session too (``POST /whep``
+            without a session id made the session for it).
+        on_close: called (awaited) once when the resource ends.
+    """
+
+    def __init__(self, kind: str, session: "Session", pc: "RTCPeerConnection", owns_session: bool = False) -> None:
+        self.kind = kind
+        self.id = session.id if owns_session else secrets.token_hex(RESOURCE_ID_BYTES)
+        self.session = session
+        self.pc = pc
+        self.owns_session = owns_session
+        self.created = time.monotonic()
+        self.connected = False
+        self.last_heard = self.created
+        self.closed = False
+        self.on_close: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def location(self) -> str:
+        return f"/{self.kind}/{self.session.id}/{self.id}"
+
+    def watch_rtcp(self) -> None:
+        """Stamp :attr:`last_heard` on every RTCP packet from the peer (receiver reports
+        reach our senders, sender reports our receivers)."""
+        for part in [*self.pc.getSenders(), *self.pc.getReceivers()]:
+            handle = part._handle_rtcp_packet
+
+            async def stamped(packet, handle=handle):
+                self.last_heard = time.monotonic()
+                return await handle(packet)
+
+            part._handle_rtcp_packet = stamped
+
+
+class Resources:
+    """The WHIP/WHEP resources of one server, by session.
+
+    Args:
+        registry: the server's ``sessions.SessionRegistry`` (``close`` for resources
+            that own their session).
+        args: server options (``connect_timeout``, ``peer_timeout``).
+    """
+
+    def __init__(self, registry: Any, args: Any) -> None:
+        self.registry = registry
+        self.args = args
+        self.by_id: dict[str, Resource] = {}
+        self._watchdog: asyncio.Task | None = None
+
+    def count(self, session: "Session", kind: str) -> int:
+        """Open resources of ``kind`` on ``session``."""
+        return sum(1 for r in self.by_id.values() if r.session is session and r.kind == kind)
+
+    def get(self, kind: str, session_id: str, resource_id: str) -> Resource | None:
+        r = self.by_id.get(resource_id)
+        return r if r is not None and r.kind == kind and r.session.id == session_id and not r.closed else None
+
+    def add(self, resource: Resource) -> None:
+        """Track ``resource``: its state changes and liveness end it, never its session
+        (unless it owns the session)."""
+        self.by_id[resource.id] = resource
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
+        if resource.owns_session:  # the session's own peer: sessions.py watches it
+            return
+        pc = resource.pc
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState == "connected" and not resource.connected:
+                resource.connected = True
+                resource.last_heard = time.monotonic()
+                resource.watch_rtcp()
+            elif pc.connectionState in ("failed", "closed"):
+                await self.close(resource, "ice_failed" if pc.connectionState == "failed" else "peer_closed")
+
+    async def close(self, resource: Resource, reason: str) -> None:
+        """End ``resource`` (idempotent): its peer connection closes, its tracks are
+        detached, its ``on_close`` hooks run; its session stays unless it owns it."""
+        if resource.closed:
+            return
+        resource.closed = True
+        self.by_id.pop(resource.id, None)
+        log.info("%s %s of session %s closed: %s", resource.kind, resource.id[:8], resource.session.id[:8], reason)
+        if resource.owns_session:
+            await self.registry.close(resource.session, f"{resource.kind}_{reason}")
+            return
+        try:
+            for hook in resource.on_close:
+                await hook()
+            await resource.pc.close()
+            for sender in resource.pc.getSenders():  # let reference counting free the tracks (see sessions.py)
+                sender.replaceTrack(None)
+                vars(sender).pop("_handle_rtcp_packet", None)
+            for receiver in resource.pc.getReceivers():
+                vars(receiver).pop("_handle_rtcp_packet", None)
+        except Exception:
+            log.exception("%s %s: error while closing", resource.kind, resource.id[:8])
+
+    async def close_all(self, reason: str = "shutdown") -> None:
+        await asyncio.gather(*(self.close(r, reason) for r in list(self.by_id.values())))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    async def _watch(self) -> None:
+        a = self.args
+        while self.by_id:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            for r in list(self.by_id.values()):
+                if r.session.closed or (r.owns_session and r.session.id not in self.registry.sessions):
+                    await self.close(r, "session_closed")
+                elif not r.connected and now - r.created > a.connect_timeout:
+                    await self.close(r, "connect_timeout")
+                elif r.connected and a.peer_timeout > 0 and now - r.last_heard > a.peer_timeout:
+                    await self.close(r, "peer_silent")
+
+
+RESOURCES = web.AppKey("wish_resources", Resources)
+
+
+def resources(app: web.Application, server: Any) -> Resources:
+    """The app's :class:`Resources` (made, with its DELETE/PATCH/OPTIONS routes for
+    ``kind``, on first use by whep.setup / whip.setup)."""
+    if RESOURCES not in app:
+        app[RESOURCES] = Resources(server.registry, server.args)
+
+        async def shutdown(app: web.Application) -> None:
+            await app[RESOURCES].close_all()
+
+        app.on_shutdown.insert(0, shutdown)  # before the sessions close
+    return app[RESOURCES]
+
+
+def add_resource_routes(app: web.Application, server: Any, kind: str) -> None:
+    """``DELETE``, ``PATCH`` and ``OPTIONS`` on ``/<kind>/{sessionid}/{resource}``,
+    and ``OPTIONS`` on the endpoints ``/<kind>`` and ``/<kind>/{sessionid}``."""
+    res = resources(app, server)
+
+    def session_of(request: web.Request) -> "Session":
+        return server.session({"sessionid": request.match_info["sessionid"]}, request)
+
+    async def delete(request: web.Request) -> web.Response:
+        session = session_of(request)
+        r = res.get(kind, session.id, request.match_info["resource"])
+        if r is None:
+            raise HTTPError(404, f"no {kind.upper()} resource {request.match_info['resource'][:40]!r} on this session")
+        await res.close(r, "deleted")
+        return web.Response(status=200, text="")
+
+    async def patch(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"code": -1, "msg": "this endpoint supports neither trickle ICE nor ICE restarts: send every candidate "
+                                "in the offer (non-trickle); a new session needs a new POST"},
+            status=405, headers={"Allow": RESOURCE_METHODS})
+
+    def options(methods: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def answer(request: web.Request) -> web.Response:
+            headers = {"Allow": methods, "Access-Control-Allow-Methods": methods,
+                       "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                       "Access-Control-Expose-Headers": "Location"}
+            if "POST" in methods:
+                headers["Accept-Post"] = SDP_TYPE
+            return web.Response(status=204, headers=headers)
+
+        return answer
+
+    if kind == "whep":  # POST /whep starts a session
+        app.router.add_route("OPTIONS", f"/{kind}", options(ENDPOINT_METHODS))
+    app.router.add_route("OPTIONS", f"/{kind}/{{sessionid}}", options(ENDPOINT_METHODS))
+    app.router.add_delete(f"/{kind}/{{sessionid}}/{{resource}}", delete)
+    app.router.add_patch(f"/{kind}/{{sessionid}}/{{resource}}", patch)
+    app.router.add_route("OPTIONS", f"/{kind}/{{sessionid}}/{{resource}}", options(RESOURCE_METHODS))
