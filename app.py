@@ -27,6 +27,9 @@ import sys
 from aiohttp import web
 
 import events
+import janus
+import whep
+import whip
 from api import error_middleware
 from config import parse_args
 from security import limit_connections_per_address
@@ -50,6 +53,9 @@ def build_app(args) -> web.Application:
     app.router.add_post("/is_speaking", server.is_speaking)
     app.router.add_get("/ws", server.websocket)
     events.setup(app, server.session_of_query)
+    whep.setup(app, server)  # WHEP viewers: POST /whep[/<sessionid>]
+    whip.setup(app, server)  # WHIP ingest (POST /whip/<sessionid>) and push (POST /push)
+    janus.setup(app, server)  # Janus VideoRoom fan-out: POST /janus
     app.router.add_get("/status", server.status)
     app.router.add_get("/config", server.config)
     app.router.add_get("/avatars", server.avatars)

@@ -519,3 +519,103 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._logf.close()
+
+
+# -- WHEP and Janus viewers (issue #11) -----------------------------------------------------
+class WhepViewer(AvatarClient):
+    """A WHEP player (draft-ietf-wish-whep): ``POST /whep/<sessionid>`` (or ``/whep``
+    for a new session) with a recvonly offer; ``close`` DELETEs the resource.
+
+    Args:
+        base_url: the server.
+        sessionid: the session to watch (None: ``POST /whep`` starts one; its id and
+            token come back in ``X-Session-Id`` / ``X-Session-Token``).
+        token: bearer token (the session's token or the API key), if the server needs one.
+    Attributes:
+        resource: the viewer's resource URL (absolute), once connected.
+    """
+
+    def __init__(self, base_url: str, sessionid: str | None = None, token: str | None = None, **kw) -> None:
+        super().__init__(base_url, **kw)
+        self.sessionid = sessionid
+        self.token = token
+        self.resource: str | None = None
+
+    def _auth(self) -> dict[str, str]:
+        credential = self.token or self.api_key
+        return {"Authorization": f"Bearer {credential}"} if credential else {}
+
+    async def connect(self) -> str:
+        from urllib.parse import urljoin
+
+        self.http = aiohttp.ClientSession()
+        self.pc.addTransceiver("video", direction="recvonly")
+        self.pc.addTransceiver("audio", direction="recvonly")
+
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            consume = self._consume_video if track.kind == "video" else self._consume_audio
+            self._tasks.append(asyncio.ensure_future(consume(track)))
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        url = self.base_url + "/whep" + (f"/{self.sessionid}" if self.sessionid else "")
+        headers = {"Content-Type": "application/sdp", **self._auth()}
+        async with self.http.post(url, data=self.pc.localDescription.sdp.encode(), headers=headers) as r:
+            body = await r.text()
+            if r.status != 201:
+                raise RuntimeError(f"WHEP refused: {r.status} {body[:200]}")
+            self.resource = urljoin(url, r.headers["Location"])
+            if self.sessionid is None:
+                self.sessionid, self.token = r.headers["X-Session-Id"], r.headers["X-Session-Token"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        for receiver in self.pc.getReceivers():
+            if receiver.track is not None and receiver.track.kind == "audio":
+                self._tap_rtp(receiver)
+        return self.sessionid
+
+    async def delete(self) -> int:
+        """DELETE the viewer's resource; returns the status."""
+        assert self.http is not None and self.resource is not None
+        async with self.http.delete(self.resource, headers=self._auth()) as r:
+            return r.status
+
+    async def close(self) -> None:
+        if self.http is not None and self.resource is not None and not self.http.closed:
+            try:
+                await self.delete()
+            except aiohttp.ClientError:
+                pass
+        await super().close()
+
+
+class JanusViewer(AvatarClient):
+    """A subscriber to a session published into a Janus VideoRoom (``POST /janus``):
+    receives through Janus, not from the server. ``base_url``: the avatar server
+    (for ``say`` and friends, with ``sessionid``/``token`` set by the caller)."""
+
+    def __init__(self, base_url: str, janus_url: str, room: int, feed: int, **kw) -> None:
+        super().__init__(base_url, **kw)
+        self.janus_url, self.room, self.feed = janus_url, room, feed
+        self.subscriber = None
+
+    async def connect(self) -> str:
+        from janus import JanusSubscriber
+
+        self.http = aiohttp.ClientSession()
+
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            consume = self._consume_video if track.kind == "video" else self._consume_audio
+            self._tasks.append(asyncio.ensure_future(consume(track)))
+
+        self.subscriber = JanusSubscriber(self.janus_url, self.pc)
+        await self.subscriber.subscribe(self.room, self.feed)
+        for receiver in self.pc.getReceivers():
+            if receiver.track is not None and receiver.track.kind == "audio":
+                self._tap_rtp(receiver)
+        return self.sessionid or ""
+
+    async def close(self) -> None:
+        if self.subscriber is not None:
+            await self.subscriber.close()
+        await super().close()

@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_barge_in", action="store_true", help="in converse mode, do not stop the avatar when the user talks")
     p.add_argument("--ice_server", action="append", default=[], metavar="URL[,USER,CREDENTIAL]",
                    help="a STUN/TURN server for the server and the page (GET /config); repeatable")
+    # WHEP / WHIP / Janus (issue #11; whep.py, whip.py, janus.py)
+    p.add_argument("--max_viewers", type=int, default=4, help="WHEP viewers per session (each is one more encode)")
+    p.add_argument("--whip_url", help="push every session to this WHIP endpoint once its peer connects (http/https)")
+    p.add_argument("--whip_token", help="bearer token for --whip_url")
+    p.add_argument("--janus_url", help="Janus' HTTP API (e.g. http://127.0.0.1:8088/janus) for POST /janus")
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)
     tts.add_arguments(p)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SESSION_ROUTES = frozenset({"/human", "/humanaudio", "/interrupt_talk", "/is_speaking", "/ws", "/events", "/sse",
                             "/stats"})
+SESSION_PREFIXES = ("/whep/", "/whip/")  # /whep/<sessionid>[/<resource>]: the session's token, or the key
 PUBLIC_ROUTES = frozenset({"/"})
 PUBLIC_PREFIXES = ("/web/",)
 
@@ -81,7 +82,8 @@ class AccessControl:
             allowed_cross = True
             if request.method == "OPTIONS":  # CORS preflight
                 return web.Response(status=204, headers=_cors_headers(origin, preflight=True))
-        if self.api_key is not None and not self._public(request.path) and request.path not in SESSION_ROUTES:
+        if (self.api_key is not None and not self._public(request.path) and request.path not in SESSION_ROUTES
+                and not request.path.startswith(SESSION_PREFIXES)):
             if not same(self.api_key, presented_credential(request)):
                 return error_response(401, "this server needs 'Authorization: Bearer <api key>'")
         response = await handler(request)
@@ -100,7 +102,8 @@ def _same_origin(origin: str, request: web.Request) -> bool:
 
 
 def _cors_headers(origin: str, preflight: bool = False) -> dict[str, str]:
-    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
+               "Access-Control-Expose-Headers": "Location, X-Session-Id, X-Session-Token"}  # WHEP/WHIP answers
     if preflight:
         headers.update({
             "Access-Control-Allow-Methods": "GET, POST, PATCH, DELETE, OPTIONS",

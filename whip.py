@@ -1,0 +1,322 @@
+"""WHIP (WebRTC-HTTP Ingestion Protocol, RFC 9725), both ways.
+
+**Ingest** (this server as the WHIP endpoint): ``POST /whip/<sessionid>``,
+``Content-Type: application/sdp``, a publisher's offer (OBS 30+, a browser,
+GStreamer's whipsink, another of these servers) -> ``201 Created``, the SDP answer,
+``Location: /whip/<sessionid>/<publisher>``. The publisher's audio track becomes the
+session's live speech (``ingest.MicrophoneIngest``: talk spurts, one utterance
+each); its video, if any, is received and dropped. One publisher per session at a
+time (409 while one is connected); the session's own peer must have connected
+(409 before). ``DELETE`` on the ``Location`` ends it; ``PATCH`` -> 405. Errors as
+for WHEP (``whep.py``): 415, 404, 401, 400, 413. With ``--api_key``: the session's
+token (or the key) as ``Authorization: Bearer``.
+
+**Push** (this server as a WHIP client): the session's audio and video published
+to any WHIP endpoint (an SFU, a media server, another of these servers):
+
+- ``POST /push {"sessionid", "url", "token"?}`` starts a push (``token``: the
+  endpoint's bearer token) and answers ``{"code": 0, "resource": <its URL>}``
+  once the endpoint answered ``201``; ``POST /push {"sessionid", "stop": true}``
+  stops it (``DELETE`` of the resource). Only ``http(s)`` URLs (400 otherwise).
+- ``--whip_url URL`` (``--whip_token``): every session is pushed there once its
+  peer connects.
+
+The offer carries every candidate (non-trickle: aiortc gathers before it
+answers); ``307``/``308`` redirects are followed (at most ``MAX_REDIRECTS``, with
+the same body and token); the ``Location`` is resolved against the URL that
+answered and ``DELETE``d when the push stops or the session ends. Every request has
+a ``PUSH_TIMEOUT_S`` limit. A failure (unreachable, timeout, a non-201 answer, ICE
+failing later) is published as an ``error`` event on the session's bus (``{"type":
+"error", "msg", "source": "whip_push"}``) and, for ``/push``, answered ``502`` with
+the same message; the session itself goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+import ingest
+import wish
+from api import HTTPError, ok, read_json
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint
+
+log = logging.getLogger(__name__)
+
+KIND = "whip"
+PUSH_TIMEOUT_S = 10.0  # each HTTP request of a push (POST, each redirect, DELETE)
+MAX_REDIRECTS = 3  # 307/308 hops followed (RFC 9725 section 4.6)
+MAX_URL_CHARS = 2048
+
+
+# -- ingest ---------------------------------------------------------------------------
+class WhipEndpoint:
+    """``POST /whip/<sessionid>``: a publisher's audio as the session's live speech."""
+
+    def __init__(self, server: Any, resources: wish.Resources) -> None:
+        self.server = server
+        self.resources = resources
+
+    async def publish(self, request: web.Request) -> web.Response:
+        sdp = await wish.read_sdp(request, self.server.args.request_timeout)
+        session = self.server.session({"sessionid": request.match_info["sessionid"]}, request, connected=True)
+        wish.check_wish_offer(sdp, send=True)
+        if self.resources.count(session, KIND):
+            raise HTTPError(409, "this session already has a WHIP publisher: DELETE its resource first")
+        ice = self.server.ice_servers
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=ice) if ice else None)
+        resource = wish.Resource(KIND, session, pc)
+        tasks: list[asyncio.Task] = []
+
+        @pc.on("track")
+        def on_track(track) -> None:
+            if track.kind == "audio" and not tasks:
+                tasks.append(asyncio.ensure_future(ingest.MicrophoneIngest(session.worker, track).run()))
+            else:
+                from server import drain
+
+                tasks.append(asyncio.ensure_future(drain(track)))
+
+        async def stop_tasks() -> None:
+            for t in tasks:
+                t.cancel()
+
+        resource.on_close.append(stop_tasks)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:  # what check_offer cannot see
+            await pc.close()
+            raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
+        self.resources.add(resource)
+        log.info("session %s: WHIP publisher %s from %s", session.id[:8], resource.id[:8], request.remote)
+        return wish.created(pc.localDescription.sdp, resource.location)
+
+
+# -- push -----------------------------------------------------------------------------
+class WhipPushError(Exception):
+    """A push that could not start: the endpoint is unreachable, timed out or refused."""
+
+
+def check_push_url(url: Any) -> str:
+    """An ``http(s)`` WHIP endpoint URL. Raises HTTPError(400)."""
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
+        raise HTTPError(400, f"'url' must be the WHIP endpoint's http(s) URL (at most {MAX_URL_CHARS} characters)")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise HTTPError(400, f"'url' must be an http:// or https:// WHIP endpoint, got {url[:80]!r}")
+    return url
+
+
+class WhipPush:
+    """One session's audio and video published to a WHIP endpoint.
+
+    Args:
+        session: the ``sessions.Session`` to publish.
+        url: the WHIP endpoint (http/https).
+        token: its bearer token, or None.
+        ice_servers: ``aiortc.RTCIceServer`` list for the peer connection.
+    """
+
+    def __init__(self, session: Any, url: str, token: str | None, ice_servers: list | None = None) -> None:
+        self.session = session
+        self.url = url
+        self.token = token
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice_servers) if ice_servers else None)
+        self.resource: str | None = None  # the Location, absolute
+        self.stopped = False
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        headers = {"Content-Type": content_type} if content_type else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    async def start(self) -> str:
+        """Offer, POST, answer. Returns the resource URL.
+
+        Raises:
+            WhipPushError: unreachable, a timeout, a non-201 answer, no Location, a bad answer.
+        """
+        join = JoinPoint()
+        self.pc.addTransceiver(AvatarAudioTrack(self.session.worker, join), direction="sendonly")
+        self.pc.addTransceiver(AvatarVideoTrack(self.session.worker, join), direction="sendonly")
+
+        @self.pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if self.pc.connectionState == "failed" and not self.stopped:
+                self.report(f"WHIP push to {self.url[:80]}: ICE failed")
+                await self.stop()
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())  # gathers every candidate
+        url = self.url
+        timeout = aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S)
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                for _ in range(MAX_REDIRECTS + 1):
+                    async with http.post(url, data=self.pc.localDescription.sdp.encode(),
+                                         headers=self._headers(wish.SDP_TYPE), allow_redirects=False) as r:
+                        if r.status in (307, 308) and r.headers.get("Location"):
+                            url = urljoin(url, r.headers["Location"])
+                            continue
+                        body = await r.content.read(wish.MAX_SDP_BYTES + 1)
+                        if r.status != 201:
+                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered {r.status}: "
+                                                f"{body[:200].decode('utf-8', 'replace')}")
+                        location = r.headers.get("Location")
+                        if not location:
+                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered 201 without a Location")
+                        self.resource = urljoin(url, location)
+                        answer = body.decode("utf-8", "replace")
+                        break
+                else:
+                    raise WhipPushError(f"more than {MAX_REDIRECTS} redirects from {self.url[:80]}")
+        except (aiohttp.ClientError, OSError) as e:
+            raise WhipPushError(f"WHIP endpoint {url[:80]} unreachable: {str(e)[:160] or type(e).__name__}") from e
+        except TimeoutError as e:
+            raise WhipPushError(f"WHIP endpoint {url[:80]} did not answer within {PUSH_TIMEOUT_S:g} s") from e
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        except Exception as e:
+            await self.delete()
+            raise WhipPushError(f"WHIP endpoint {url[:80]} sent an unusable answer: {str(e)[:160]}") from e
+        return self.resource
+
+    def report(self, msg: str) -> None:
+        """An ``error`` event on the session's bus."""
+        log.warning("session %s: %s", self.session.id[:8], msg)
+        self.session.bus.publish({"type": "error", "msg": msg, "source": "whip_push"})
+
+    async def delete(self) -> None:
+        """DELETE the resource (once; errors are reported, never raised)."""
+        resource, self.resource = self.resource, None
+        if resource is None:
+            return
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S)) as http:
+                async with http.delete(resource, headers=self._headers()) as r:
+                    if r.status >= 300:
+                        self.report(f"WHIP DELETE {resource[:80]} answered {r.status}")
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            self.report(f"WHIP DELETE {resource[:80]} failed: {str(e)[:160] or type(e).__name__}")
+
+    async def stop(self) -> None:
+        """End the push: DELETE the resource, close the peer connection (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.delete()
+        await self.pc.close()
+        for sender in self.pc.getSenders():
+            sender.replaceTrack(None)
+
+
+class Pushes:
+    """The WHIP pushes of one server, at most one per session (a new one replaces it)."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.by_session: dict[str, WhipPush] = {}
+        self._watchdog: asyncio.Task | None = None
+
+    async def start(self, session: Any, url: str, token: str | None) -> WhipPush:
+        """Start a push of ``session``. Raises WhipPushError (also reported on its bus)."""
+        await self.stop(session.id)
+        push = WhipPush(session, url, token, self.server.ice_servers)
+        self.by_session[session.id] = push
+        try:
+            await push.start()
+        except WhipPushError as e:
+            push.report(str(e))
+            self.by_session.pop(session.id, None)
+            await push.stop()
+            raise
+        if session.closed:  # closed while we waited for the endpoint
+            await self.stop(session.id)
+            raise WhipPushError("the session closed while the push was starting")
+        log.info("session %s: pushing to %s", session.id[:8], push.resource)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.ensure_future(self._watch())
+        return push
+
+    async def stop(self, session_id: str) -> bool:
+        push = self.by_session.pop(session_id, None)
+        if push is None:
+            return False
+        await push.stop()
+        return True
+
+    async def stop_all(self, app: web.Application | None = None) -> None:
+        await asyncio.gather(*(self.stop(sid) for sid in list(self.by_session)))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    async def _watch(self) -> None:
+        """End the pushes of closed sessions, and of failed ones (their ICE gave up)."""
+        while self.by_session:
+            await asyncio.sleep(wish.WATCH_INTERVAL_S)
+            for sid, push in list(self.by_session.items()):
+                if push.session.closed or push.stopped:
+                    await self.stop(sid)
+
+    # -- routes -------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.Response:
+        """``POST /push {sessionid, url, token?}`` / ``{sessionid, stop: true}``."""
+        body = await read_json(request, self.server.args.request_timeout)
+        session = self.server.session(body, request)
+        if body.get("stop"):
+            return ok(stopped=await self.stop(session.id))
+        url = check_push_url(body.get("url"))
+        token = body.get("token")
+        if token is not None and (not isinstance(token, str) or len(token) > MAX_URL_CHARS):
+            raise HTTPError(400, "'token' must be a string")
+        if not session.connected:
+            raise HTTPError(409, "the session's peer has not connected yet; push once it has")
+        try:
+            push = await self.start(session, url, token)
+        except WhipPushError as e:
+            raise HTTPError(502, str(e)) from e
+        return ok(resource=push.resource)
+
+    def push_every_session(self, url: str, token: str | None) -> None:
+        """``--whip_url``: push each session once its peer connects (wraps the
+        registry's ``on_connected``)."""
+        registry = self.server.registry
+        connected = registry.on_connected
+
+        def on_connected(session: Any) -> None:
+            first = not session.connected
+            connected(session)
+            if first and session.connected and not session.closed:
+                self.server._background(self._auto_push(session, url, token))
+
+        registry.on_connected = on_connected
+
+    async def _auto_push(self, session: Any, url: str, token: str | None) -> None:
+        try:
+            await self.start(session, url, token)
+        except WhipPushError:
+            pass  # reported on the session's events
+
+
+def setup(app: web.Application, server: Any) -> None:
+    """Register ``POST /whip/{sessionid}`` (ingest, with its resource routes) and
+    ``POST /push``; with ``--whip_url``, push every session there."""
+    endpoint = WhipEndpoint(server, wish.resources(app, server))
+    app.router.add_post("/whip/{sessionid}", endpoint.publish)
+    wish.add_resource_routes(app, server, KIND)
+    pushes = Pushes(server)
+    app.router.add_post("/push", pushes.handle)
+    app.on_shutdown.insert(0, pushes.stop_all)
+    if getattr(server.args, "whip_url", None):
+        try:
+            check_push_url(server.args.whip_url)
+        except HTTPError as e:
+            raise ValueError(f"--whip_url: {e.msg}") from e
+        pushes.push_every_session(server.args.whip_url, server.args.whip_token)
