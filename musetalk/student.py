@@ -13,7 +13,7 @@ UNet (``musetalk.json``):
   reference latents), 4 output channels, ``cross_attention_dim`` (384: Whisper-tiny
   tokens), head size, norm groups, time embedding.
 
-At the released size that is 323M parameters instead of 859M (see
+At the released size that is 318M parameters instead of 850M (see
 ``bench/distill_speed.py`` for the cost). :func:`init_from_teacher` copies the
 teacher's matching blocks (BK-SDM's initialisation): down stage ``i`` pair 0 <-
 teacher pair 0; student up stage ``k`` <- teacher up stage ``k + 1``, its pairs
@@ -40,6 +40,7 @@ from torch import nn
 __all__ = [
     "student_unet_config",
     "init_from_teacher",
+    "teacher_key",
     "feature_pairs",
     "tiny_vae_config",
     "TINY_VAE_CONFIG",

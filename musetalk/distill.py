@@ -1,0 +1,709 @@
+"""Distil MuseTalk into a smaller UNet and a tiny VAE decoder: ``python -m musetalk.distill``.
+
+One command, from the released weights and a folder of talking-head videos::
+
+    python -m musetalk.distill --videos clips/ --models_dir models --out student/ --steps 20000
+    python app.py --model musetalk --musetalk_unet student/unet --musetalk_vae student/vae
+
+1. **Data** (``<out>/data``, resumable): every video under ``--videos`` goes through
+   the server's own MuseTalk preparation: ``avatar.prepare_avatar`` (frames, dlib
+   landmarks), ``musetalk.prepare.prepare_musetalk`` (MuseTalk face boxes, masked
+   and reference SD-VAE latents) and ``musetalk.audio_features``'
+   :class:`StreamingFeatureExtractor` (the windows the server computes live) on the
+   clip's audio track, or on a sidecar audio file with the same stem (``clip.wav``).
+   Per clip ``clips/<id>/latents.npy`` float16 (S, 8, 32, 32), ``audio.npy`` float16
+   (S, 50, d) and ``valid.npy`` bool (S,) (frame has a face and audio), memory-mapped
+   at training time; ``manifest.json`` records each clip (source size/mtime, the
+   preparation inputs, status ``ok`` or ``skipped`` with the reason) and is
+   rewritten after every clip, so an interrupted run resumes where it stopped.
+   Clips without a usable face or without audio are skipped and counted.
+2. **Student UNet** (``musetalk.student``): BK-SDM-Tiny's reduction of the teacher,
+   initialised from its matching blocks. Loss = ``--w_out`` x MSE(student output,
+   teacher output) + ``--w_feat`` x sum over BK-SDM-Tiny's feature points of
+   MSE(student, teacher) (forward hooks) + ``--w_rec`` x L1(student output, the
+   ground-truth frame latent). A training sample: the masked latent of frame t,
+   the reference latent of another frame of the same clip, the audio window of t;
+   the target is frame t's own (unmasked) latent.
+3. **Tiny decoder**: diffusers' ``AutoencoderTiny`` (TAESD) decoder trained with
+   pixel L1 against the SD VAE decoder on the same latents (the batch's
+   ground-truth latents and the teacher's predictions: what the decoder sees when
+   serving). No perceptual loss: LPIPS needs torchvision's ImageNet backbone
+   weights, downloaded at run time, which this project does not fetch.
+
+Training: AdamW, gradient accumulation, bf16 autocast on CUDA (float32 on the
+CPU; the teacher runs in bf16 there too), gradient clipping. Every optimizer step
+appends a row of every loss to ``<out>/losses.csv``; ``--save_every`` steps write
+``<out>/checkpoints/step-NNNNNNN/`` (students, optimizer states); ``--resume``
+continues from the newest one, and the batch of step n depends only on
+(``--seed``, n), so a resumed run follows the same loss curve. At the end the
+students are exported as ``<out>/unet`` and ``<out>/vae`` (diffusers
+``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.safetensors``),
+what ``--musetalk_unet`` / ``--musetalk_vae`` load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # `python musetalk/distill.py`: import from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger("musetalk.distill")
+
+DATA_FORMAT = 1  # bump when the per-clip files or their preparation change
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts"}
+SIDECAR_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+CLIP_FILES = ("latents.npy", "audio.npy", "valid.npy")
+FEATURE_CHUNK_FRAMES = 25  # streaming feature windows computed 1 s (25 frames) at a time, like a live stream
+MAX_CLIP_SECONDS = 3600.0  # longest audio track decoded per clip
+LOSS_COLUMNS = ("step", "out_kd", "feat_kd", "rec_l1", "unet_total", "vae_l1", "lr", "seconds")
+UNET_DIR, VAE_DIR = "unet", "vae"
+TRAINER_STATE = "trainer.pt"
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def find_videos(folder: Path) -> list[Path]:
+    """Video files under ``folder`` (recursive, sorted), by suffix (:data:`VIDEO_SUFFIXES`)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+
+def clip_id(video: Path, root: Path) -> str:
+    """A stable directory name for ``video``: its path relative to ``root`` with
+    unsafe characters replaced, plus 8 hex digits of that path's SHA-1."""
+    rel = str(Path(video).resolve().relative_to(Path(root).resolve()))
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0])[-60:].strip("_") or "clip"
+    return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+
+
+def clip_audio(video: Path) -> np.ndarray:
+    """float32 16 kHz mono audio of a clip: its first audio stream, else a sidecar
+    file with the same stem (``clip.wav``...).
+
+    Raises:
+        audio.AudioDecodeError: no audio track and no readable sidecar.
+    """
+    from audio import AudioDecodeError, decode_audio
+
+    try:
+        return decode_audio(Path(video).read_bytes(), max_seconds=MAX_CLIP_SECONDS)
+    except AudioDecodeError as first:
+        for suffix in SIDECAR_AUDIO_SUFFIXES:
+            sidecar = Path(video).with_suffix(suffix)
+            if sidecar.is_file():
+                return decode_audio(sidecar.read_bytes(), max_seconds=MAX_CLIP_SECONDS)
+        raise AudioDecodeError(f"{first} (and no sidecar {Path(video).stem}{{{','.join(SIDECAR_AUDIO_SUFFIXES)}}})")
+
+
+def streaming_windows(extractor, pcm: np.ndarray, n_frames: int) -> np.ndarray:
+    """The server's streaming feature windows of a whole clip: float32 (n_frames, 50, d).
+
+    The clip is fed to ``extractor`` (a ``StreamingFeatureExtractor``) as one
+    utterance, :data:`FEATURE_CHUNK_FRAMES` frames (25 fps) at a time with its
+    :class:`StreamState`, as the live ASR thread does; audio past the clip is zeros.
+    """
+    from clock import FRAME_SAMPLES
+    from musetalk.audio_features import StreamState
+
+    before, after = extractor.lookbehind_samples, extractor.lookahead_samples
+    padded = np.concatenate([np.zeros(before, np.float32), np.asarray(pcm, np.float32),
+                             np.zeros(n_frames * FRAME_SAMPLES + after, np.float32)])
+    state, out = StreamState(), []
+    for first in range(0, n_frames, FEATURE_CHUNK_FRAMES):
+        n = min(FEATURE_CHUNK_FRAMES, n_frames - first)
+        start = first * FRAME_SAMPLES  # == utterance sample first * 640 - before, shifted by the padding
+        out.append(extractor.windows(padded[start : start + extractor.span_samples(n)], n, first, state))
+    return np.concatenate(out)
+
+
+@dataclass
+class Preparer:
+    """What every clip is prepared with (the server's own models and parameters).
+
+    vae: the SD ``AutoencoderKL``; whisper: the Whisper ``AudioEncoder``; version:
+    "v15"/"v1"; extra_margin: pixels below the chin; max_frames / resize_height:
+    ``avatar.prepare_avatar``'s; batch_size: frames per VAE encode call.
+    """
+
+    vae: nn.Module
+    whisper: nn.Module
+    version: str
+    extra_margin: int
+    max_frames: int | None = None
+    resize_height: int | None = None
+    batch_size: int = 8
+
+    def inputs(self) -> dict:
+        """The preparation inputs recorded with every clip (a change re-prepares it)."""
+        from musetalk.prepare import vae_identity
+
+        h = hashlib.sha1()
+        for tensor in (self.whisper.conv1.weight, self.whisper.ln_post.weight):
+            h.update(tensor.detach().float().cpu().numpy().tobytes())
+        return {"format": DATA_FORMAT, "version": self.version, "extra_margin": self.extra_margin,
+                "max_frames": self.max_frames, "resize_height": self.resize_height,
+                "vae": vae_identity(self.vae), "whisper": h.hexdigest()}
+
+    def prepare_clip(self, video: Path, cid: str, out: Path, scratch: Path) -> dict:
+        """Prepare one clip into ``out`` (written atomically). Returns its manifest
+        entry: ``{"status": "ok", "frames": S, "valid": n, "fps": ...}`` or
+        ``{"status": "skipped", "reason": ...}`` (no face, no audio, unreadable).
+        """
+        import avatar as avatar_mod
+        from audio import AudioDecodeError
+        from clock import FRAME_SAMPLES, VIDEO_FPS
+        from musetalk.audio_features import StreamingFeatureExtractor
+        from musetalk.prepare import prepare_musetalk
+
+        try:
+            pcm = clip_audio(video)
+        except AudioDecodeError as e:
+            return {"status": "skipped", "reason": f"no audio: {e}"}
+        try:
+            avatar_mod.prepare_avatar(video, cid, scratch, self.max_frames, self.resize_height, 0, self.extra_margin)
+            av = avatar_mod.load_avatar(cid, scratch)
+            fps = float(json.loads((scratch / cid / "manifest.json").read_text())["fps"])
+            mav = prepare_musetalk(av, self.vae, self.version, 0, self.extra_margin, None, None, self.batch_size)
+        except ValueError as e:  # "no face found", unreadable video, no usable face box
+            return {"status": "skipped", "reason": f"no usable face: {e}" if "face" in str(e) else str(e)}
+        finally:
+            shutil.rmtree(scratch / cid, ignore_errors=True)  # frames are not needed any more
+        s_count = len(mav)
+        n25 = -(-len(pcm) // FRAME_SAMPLES)  # 25 fps frames the audio covers
+        at25 = np.round(np.arange(s_count) * VIDEO_FPS / (fps or VIDEO_FPS)).astype(np.int64)  # frame time -> 25 fps
+        valid = mav.valid & (at25 < n25)
+        if valid.sum() < 2:
+            return {"status": "skipped", "reason": f"{int(valid.sum())} frame(s) with a face and audio (need 2)"}
+        extractor = StreamingFeatureExtractor(self.whisper, self.version)
+        windows = streaming_windows(extractor, pcm, n25)[np.minimum(at25, n25 - 1)]
+        tmp = out.with_name(f".{out.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        np.save(tmp / "latents.npy", mav.latents.astype(np.float16))
+        np.save(tmp / "audio.npy", windows.astype(np.float16))
+        np.save(tmp / "valid.npy", valid)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        return {"status": "ok", "frames": s_count, "valid": int(valid.sum()), "fps": fps}
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def prepare_dataset(videos: Path, data_dir: Path, preparer: Preparer) -> dict:
+    """Prepare every video under ``videos`` into ``data_dir`` (resumable; see the module docstring).
+
+    A clip whose manifest entry matches its source (size, mtime) and the
+    preparation inputs, with its files present, is not prepared again (skipped
+    clips are not retried either). Returns the manifest:
+    ``{"inputs": {...}, "clips": {id: entry}, "counts": {"ok": n, "skipped": n}}``.
+    Raises FileNotFoundError when ``videos`` has no video file.
+    """
+    videos, data_dir = Path(videos), Path(data_dir)
+    files = find_videos(videos)
+    if not files:
+        raise FileNotFoundError(f"no video files ({', '.join(sorted(VIDEO_SUFFIXES))}) under {videos}")
+    (data_dir / "clips").mkdir(parents=True, exist_ok=True)
+    scratch = data_dir / "scratch"
+    path = data_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    inputs = preparer.inputs()
+    clips = manifest.get("clips", {}) if manifest.get("inputs") == inputs else {}
+    manifest = {"inputs": inputs, "videos": str(videos.resolve()), "clips": clips}
+    reused = 0
+    with tqdm(files, desc="distill data", unit="clip") as bar:
+        for video in bar:
+            cid = clip_id(video, videos)
+            stat = video.stat()
+            source = {"source": str(video.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            entry = clips.get(cid)
+            out = data_dir / "clips" / cid
+            if entry and all(entry.get(k) == v for k, v in source.items()) and (
+                entry["status"] == "skipped" or all((out / f).is_file() for f in CLIP_FILES)
+            ):
+                reused += 1
+                continue
+            start = time.perf_counter()
+            result = preparer.prepare_clip(video, cid, out, scratch)
+            clips[cid] = {**source, **result, "seconds": round(time.perf_counter() - start, 2)}
+            if result["status"] == "skipped":
+                log.warning("skipped %s: %s", video, result["reason"])
+            counts = {s: sum(e["status"] == s for e in clips.values()) for s in ("ok", "skipped")}
+            _write_json(path, {**manifest, "counts": counts})
+            bar.set_postfix(counts)
+    shutil.rmtree(scratch, ignore_errors=True)
+    counts = {s: sum(e["status"] == s for e in clips.values()) for s in ("ok", "skipped")}
+    manifest["counts"] = counts
+    _write_json(path, manifest)
+    log.info("distill data in %s: %d clips ready, %d skipped (%d reused from an earlier run)",
+             data_dir, counts["ok"], counts["skipped"], reused)
+    return manifest
+
+
+class DistillData:
+    """Training batches from a prepared ``data_dir`` (arrays memory-mapped).
+
+    Batch ``(step, micro)`` is drawn by ``np.random.default_rng([seed, step, micro])``
+    alone, so it is the same in a resumed run. Each sample: a random valid frame t
+    of a random clip (clips weighted by their valid frames), a reference frame r != t
+    of the same clip.
+
+    Raises:
+        FileNotFoundError: no prepared clip in ``data_dir``.
+    """
+
+    def __init__(self, data_dir: Path, seed: int = 0) -> None:
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+        self.clips = []
+        for cid, entry in sorted(manifest["clips"].items()):
+            if entry["status"] != "ok":
+                continue
+            folder = Path(data_dir) / "clips" / cid
+            valid = np.flatnonzero(np.load(folder / "valid.npy"))
+            self.clips.append((np.load(folder / "latents.npy", mmap_mode="r"),
+                               np.load(folder / "audio.npy", mmap_mode="r"), valid))
+        if not self.clips:
+            raise FileNotFoundError(f"no prepared clip in {data_dir} (manifest counts: {manifest.get('counts')})")
+        sizes = np.array([len(v) for _, _, v in self.clips], np.float64)
+        self.weights = sizes / sizes.sum()
+        self.seed = seed
+        self.frames = int(sizes.sum())
+        self.audio_dim = int(self.clips[0][1].shape[2])
+
+    def batch(self, step: int, micro: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """``{"latents": (B, 8, 32, 32), "audio": (B, 50, d), "target": (B, 4, 32, 32)}`` float32 (CPU):
+        masked latent of t + reference latent of r; audio window of t; t's unmasked latent."""
+        rng = np.random.default_rng([self.seed, step, micro])
+        latents, audio, target = [], [], []
+        for c in rng.choice(len(self.clips), size=batch_size, p=self.weights):
+            lat, aud, valid = self.clips[c]
+            t, r = rng.choice(valid, size=2, replace=False)
+            latents.append(np.concatenate([lat[t, :4], lat[r, 4:]]))
+            audio.append(aud[t])
+            target.append(lat[t, 4:])
+        as_tensor = lambda x: torch.from_numpy(np.stack(x).astype(np.float32))  # noqa: E731
+        return {"latents": as_tensor(latents), "audio": as_tensor(audio), "target": as_tensor(target)}
+
+
+# ---------------------------------------------------------------------------
+# Distillation
+
+
+class _Recorder:
+    """Forward hooks keeping the outputs of named submodules (a block's tuple -> its first tensor)."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+
+@dataclass
+class LossWeights:
+    """Weights of the student UNet's losses (BK-SDM: 1 each)."""
+
+    out: float = 1.0
+    feat: float = 1.0
+    rec: float = 1.0
+
+
+class Distiller:
+    """Teacher/student pairs and their losses (no optimizer: see :func:`train`).
+
+    Args:
+        teacher: the released UNet (frozen; ``musetalk.models.load_unet``).
+        student: the student ``UNet2DConditionModel`` (trainable) or None.
+        vae: the SD ``AutoencoderKL`` (frozen): decoder teacher.
+        tiny: the ``AutoencoderTiny`` whose decoder is trained, or None.
+        pe: ``AudioPositionalEncoding`` of the audio width.
+        teacher_config: the teacher's config (for :func:`musetalk.student.feature_pairs`).
+        weights: :class:`LossWeights`.
+        autocast: bf16 autocast (CUDA).
+    """
+
+    def __init__(self, teacher, student, vae, tiny, pe, teacher_config: dict, weights: LossWeights,
+                 autocast: bool = False) -> None:
+        from musetalk.student import feature_pairs
+
+        self.teacher, self.student, self.vae, self.tiny, self.pe = teacher, student, vae, tiny, pe
+        self.weights = weights
+        self.device = next(teacher.parameters()).device
+        self.autocast = autocast
+        self.pairs = feature_pairs(teacher_config)
+        self.t_rec = _Recorder(teacher, [t for _, t in self.pairs])
+        self.s_rec = _Recorder(student, [s for s, _ in self.pairs]) if student is not None else None
+
+    def close(self) -> None:
+        """Remove the forward hooks (the teacher may be shared with another Distiller)."""
+        for recorder in (self.t_rec, self.s_rec):
+            for handle in recorder.handles if recorder is not None else ():
+                handle.remove()
+
+    def _ctx(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of one micro-batch (scalars; ``unet_total`` and ``vae_l1`` carry gradients).
+
+        Keys: out_kd, feat_kd, rec_l1, unet_total (absent without a student UNet);
+        vae_l1 (absent without a tiny decoder).
+        """
+        from musetalk.inference import VAE_SCALE
+
+        dev = self.device
+        latents, target = batch["latents"].to(dev), batch["target"].to(dev)
+        t0 = torch.zeros(latents.shape[0], dtype=torch.long, device=dev)
+        out: dict[str, torch.Tensor] = {}
+        with self._ctx():
+            tokens = self.pe(batch["audio"].to(dev, self.pe.pe.dtype))
+            with torch.no_grad():
+                t_pred = self.teacher(latents.to(self.teacher.dtype), t0,
+                                      encoder_hidden_states=tokens.to(self.teacher.dtype)).sample.float()
+            t_feats = self.t_rec.take()
+            if self.student is not None:
+                s_pred = self.student(latents, t0, encoder_hidden_states=tokens).sample.float()
+                s_feats = self.s_rec.take()
+                out["out_kd"] = F.mse_loss(s_pred, t_pred)
+                out["feat_kd"] = sum(F.mse_loss(s_feats[s].float(), t_feats[t].float()) for s, t in self.pairs)
+                out["rec_l1"] = F.l1_loss(s_pred, target)
+                w = self.weights
+                out["unet_total"] = w.out * out["out_kd"] + w.feat * out["feat_kd"] + w.rec * out["rec_l1"]
+            if self.tiny is not None:
+                z = torch.cat([target, t_pred])  # scaled latents: ground truth and what serving decodes
+                with torch.no_grad():
+                    want = self.vae.decode((z / VAE_SCALE).to(self.vae.dtype)).sample.float()
+                got = self.tiny.decode(z).sample.float()
+                out["vae_l1"] = F.l1_loss(got, want)
+        return out
+
+
+def _save_folder(model, folder: Path) -> None:
+    """diffusers ``save_pretrained`` in float32 safetensors (``config.json`` + weights)."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``<out>/checkpoints/step-N`` (its trainer state written), or None."""
+    found = sorted((out / "checkpoints").glob("step-*/" + TRAINER_STATE))
+    return found[-1].parent if found else None
+
+
+def _save_checkpoint(out: Path, step: int, student, tiny, optimizers: dict, keep: int) -> Path:
+    final = out / "checkpoints" / f"step-{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if student is not None:
+        _save_folder(student, tmp / UNET_DIR)
+    if tiny is not None:
+        _save_folder(tiny, tmp / VAE_DIR)
+    torch.save({"step": step, "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, tmp / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []:
+        if old.suffix != ".tmp":
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the header and the rows of steps <= ``step`` (a resumed run rewrites the rest)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, LOSS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["step"]) <= step)
+
+
+def read_log(path: Path) -> list[dict[str, float]]:
+    """The rows of a ``losses.csv`` as floats (empty cells -> NaN)."""
+    with Path(path).open(newline="") as f:
+        return [{k: float(v) if v != "" else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@dataclass
+class TrainOptions:
+    """Training options (see ``--help``)."""
+
+    steps: int = 10000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-5
+    vae_lr: float = 1e-4
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    save_every: int = 1000
+    keep_checkpoints: int = 2
+    seed: int = 0
+    fixed_batch: bool = False
+    resume: bool = True
+    train_unet: bool = True
+    train_vae: bool = True
+    weights: LossWeights = None  # type: ignore[assignment]
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+
+
+def build_students(teacher, teacher_state: dict | None, teacher_config: dict, device, train_unet: bool,
+                   train_vae: bool, tiny_size: str = "full", init_vae: Path | None = None):
+    """(student UNet or None, AutoencoderTiny or None, init report) in float32 on ``device``.
+
+    The student UNet is built from :func:`musetalk.student.student_unet_config` and
+    initialised from ``teacher_state`` (default: the teacher's own weights); the
+    tiny decoder from ``init_vae`` (an AutoencoderTiny folder, e.g. TAESD) or at random.
+    """
+    from diffusers import AutoencoderTiny, UNet2DConditionModel
+
+    from musetalk.student import init_from_teacher, student_unet_config, tiny_vae_config
+
+    student = tiny = None
+    report: dict = {}
+    if train_unet:
+        student = UNet2DConditionModel.from_config(student_unet_config(teacher_config))
+        state = teacher_state if teacher_state is not None else teacher.state_dict()
+        init = init_from_teacher(student, state, teacher_config)
+        report["unet_init"] = {"copied": init["copied"], "total": init["total"], "kept_random": init["kept_random"]}
+        log.info("student UNet: %.1fM parameters (teacher %.1fM); %d of %d tensors copied from the teacher",
+                 sum(p.numel() for p in student.parameters()) / 1e6,
+                 sum(p.numel() for p in teacher.parameters()) / 1e6, init["copied"], init["total"])
+        student = nn.Module.to(student, device=device, dtype=torch.float32).train()
+    if train_vae:
+        if init_vae is not None:
+            tiny = AutoencoderTiny.from_pretrained(init_vae, torch_dtype=torch.float32, low_cpu_mem_usage=False)
+        else:
+            tiny = AutoencoderTiny.from_config(tiny_vae_config(tiny_size))
+        tiny = nn.Module.to(tiny, device=device, dtype=torch.float32).train()
+        tiny.encoder.requires_grad_(False)  # only the decoder is distilled; the SD encoder encodes
+    return student, tiny, report
+
+
+def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions) -> dict:
+    """Run (or resume) distillation to ``opts.steps`` optimizer steps.
+
+    Writes ``<out>/losses.csv`` (one row per optimizer step, columns
+    :data:`LOSS_COLUMNS`, means over the accumulated micro-batches), checkpoints
+    every ``save_every`` steps and at the end, and exports ``<out>/unet`` and
+    ``<out>/vae``. Returns ``{"start_step", "steps", "last": last row}``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    student, tiny = distiller.student, distiller.tiny
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if student is not None:
+        optimizers["unet"] = torch.optim.AdamW(student.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    if tiny is not None:
+        optimizers["vae"] = torch.optim.AdamW(tiny.decoder.parameters(), lr=opts.vae_lr,
+                                              weight_decay=opts.weight_decay)
+    start = 0
+    ckpt = latest_checkpoint(out) if opts.resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        if student is not None:
+            _load_weights(student, ckpt / UNET_DIR)
+        if tiny is not None:
+            _load_weights(tiny, ckpt / VAE_DIR)
+        for key, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][key])
+        start = int(state["step"])
+        log.info("resumed from %s (step %d)", ckpt, start)
+    log_path = out / "losses.csv"
+    _trim_log(log_path, start)
+    new_log = not log_path.is_file() or log_path.stat().st_size == 0
+    params = {k: [p for g in o.param_groups for p in g["params"]] for k, o in optimizers.items()}
+    last: dict = {}
+    with log_path.open("a", newline="") as f, tqdm(total=opts.steps, initial=start, desc="distill", unit="step") as bar:
+        writer = csv.DictWriter(f, LOSS_COLUMNS)
+        if new_log:
+            writer.writeheader()
+        for step in range(start, opts.steps):
+            t_start = time.perf_counter()
+            sums: dict[str, float] = {}
+            for micro in range(opts.grad_accum):
+                batch = data.batch(0 if opts.fixed_batch else step, micro, opts.batch_size)
+                losses = distiller.losses(batch)
+                total = sum(losses[k] for k in ("unet_total", "vae_l1") if k in losses)
+                (total / opts.grad_accum).backward()
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / opts.grad_accum
+            for key, opt in optimizers.items():
+                if opts.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params[key], opts.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            done = step + 1
+            last = {"step": done, **{k: sums.get(k, "") for k in LOSS_COLUMNS[1:6]},
+                    "lr": opts.lr, "seconds": round(time.perf_counter() - t_start, 4)}
+            writer.writerow(last)
+            f.flush()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("unet_total", "vae_l1")})
+            if done % opts.save_every == 0 or done == opts.steps:
+                _save_checkpoint(out, done, student, tiny, optimizers, opts.keep_checkpoints)
+    export(out, student, tiny)
+    return {"start_step": start, "steps": opts.steps, "last": last}
+
+
+def export(out: Path, student, tiny) -> None:
+    """Write the students where the server loads them: ``<out>/unet``, ``<out>/vae``."""
+    for model, name in ((student, UNET_DIR), (tiny, VAE_DIR)):
+        if model is None:
+            continue
+        tmp = out / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save_folder(model, tmp)
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.replace(tmp, out / name)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m musetalk.distill",
+        description="Distil MuseTalk's UNet into a BK-SDM-Tiny-shaped student and the SD VAE decoder into a "
+        "tiny (TAESD) decoder, on talking-head videos prepared with the server's own MuseTalk preparation. "
+        "Serve the result with: python app.py --model musetalk --musetalk_unet OUT/unet --musetalk_vae OUT/vae",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--videos", type=Path, required=True,
+                   help="folder of talking-head videos (searched recursively; audio from the video's track "
+                   "or a sidecar file with the same stem, e.g. clip.wav)")
+    g.add_argument("--models_dir", type=Path, default=Path("models"), help="released MuseTalk weights (the teacher)")
+    g.add_argument("--version", default="v15", choices=["v15", "v1"], help="MuseTalk weights version")
+    g.add_argument("--out", type=Path, required=True, help="output folder: data/, checkpoints/, losses.csv, unet/, vae/")
+    g.add_argument("--data_dir", type=Path, help="prepared-data cache (default OUT/data; shareable between runs)")
+    g.add_argument("--max_frames", type=int, help="use at most this many frames of each clip")
+    g.add_argument("--resize_height", type=int, help="scale frames to this height before landmark detection")
+    g.add_argument("--extra_margin", type=int, help="pixels below the chin (default: 10 for v15, 0 for v1)")
+    g.add_argument("--prepare_batch", type=int, default=8, help="frames per VAE encode call while preparing")
+    g.add_argument("--prepare_only", action="store_true", help="prepare the data and stop")
+    g = p.add_argument_group("training")
+    g.add_argument("--train", default="both", choices=["both", "unet", "vae"], help="which students to train")
+    g.add_argument("--steps", type=int, default=10000, help="optimizer steps in all (a resumed run continues to it)")
+    g.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=5e-5, help="student UNet learning rate (AdamW; BK-SDM: 5e-5)")
+    g.add_argument("--vae_lr", type=float, default=1e-4, help="tiny decoder learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=float, default=1e-2)
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--w_out", type=float, default=1.0, help="weight of the output KD loss (MSE to the teacher)")
+    g.add_argument("--w_feat", type=float, default=1.0, help="weight of the feature KD loss (BK-SDM-Tiny points)")
+    g.add_argument("--w_rec", type=float, default=1.0, help="weight of the L1 to the ground-truth frame latent")
+    g.add_argument("--init_vae", type=Path, help="start the tiny decoder from this AutoencoderTiny folder (e.g. TAESD)")
+    g.add_argument("--tiny_size", default="full", choices=["full", "tiny"],
+                   help="tiny decoder widths: TAESD's (full) or test widths (tiny)")
+    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bf16 autocast (teacher in bf16) on CUDA, fp32 on the CPU")
+    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="checkpoints kept (oldest deleted)")
+    g.add_argument("--no_resume", action="store_true", help="start from scratch even if OUT has checkpoints")
+    g.add_argument("--fixed_batch", action="store_true", help="train on step 0's batch every step (a sanity check)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the batches and the students' initialisation")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (see the module docstring); returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from musetalk.models import AudioPositionalEncoding, MissingWeightsError, find_weights, load_unet, load_vae, \
+        load_whisper_encoder
+    from musetalk.prepare import VERSIONS
+
+    if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 1:
+        print("--steps >= 0, --batch_size, --grad_accum and --save_every >= 1", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    frozen_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    extra_margin = VERSIONS[args.version]["extra_margin"] if args.extra_margin is None else args.extra_margin
+    torch.manual_seed(args.seed)
+    try:
+        paths = find_weights(args.models_dir, args.version)
+        vae = load_vae(paths, device, torch.float32)  # encodes in float32 (preparation), then frozen_dtype
+        whisper = load_whisper_encoder(paths, device, torch.float32)
+        data_dir = args.data_dir or args.out / "data"
+        preparer = Preparer(vae, whisper, paths.version, extra_margin, args.max_frames, args.resize_height,
+                            args.prepare_batch)
+        prepare_dataset(args.videos, data_dir, preparer)
+        if args.prepare_only:
+            return 0
+        del whisper
+        data = DistillData(data_dir, args.seed)
+        teacher_config = json.loads(paths.unet_config.read_text())
+        teacher = load_unet(paths, device, torch.float32)
+        student, tiny, report = build_students(teacher, None, teacher_config, device, args.train != "vae",
+                                               args.train != "unet", args.tiny_size, args.init_vae)
+        teacher = nn.Module.to(teacher, dtype=frozen_dtype)
+        vae = nn.Module.to(vae, dtype=frozen_dtype)
+    except (FileNotFoundError, ValueError, MissingWeightsError) as e:
+        log.error("%s", e)
+        return 1
+    pe = AudioPositionalEncoding(teacher_config["cross_attention_dim"]).to(device)
+    weights = LossWeights(args.w_out, args.w_feat, args.w_rec)
+    distiller = Distiller(teacher, student, vae, tiny, pe, teacher_config, weights, autocast=precision == "bf16")
+    opts = TrainOptions(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                        vae_lr=args.vae_lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
+                        fixed_batch=args.fixed_batch, resume=not args.no_resume, weights=weights,
+                        precision=precision)
+    log.info("distilling on %s (%s): %d clips, %d frames; %d steps of %d x %d samples", device, precision,
+             len(data.clips), data.frames, args.steps, args.batch_size, args.grad_accum)
+    result = train(distiller, data, args.out, opts)
+    summary = {"teacher": str(paths.unet_weights), "version": paths.version, "precision": precision,
+               "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+               **report, **result}
+    _write_json(args.out / "distill.json", summary)
+    served = " ".join(f"--musetalk_{n} {args.out / n}" for n in (UNET_DIR, VAE_DIR) if (args.out / n).is_dir())
+    print(f"done: {result['steps']} steps; serve with: python app.py --model musetalk --models_dir {args.models_dir} "
+          f"{served}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
