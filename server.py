@@ -31,7 +31,7 @@ from events import EventBus, attach_data_channel
 from metrics import Metrics
 from security import AccessControl
 from sessions import Session, SessionRegistry
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, parse_ice_servers
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, parse_ice_servers, shorten_receive_buffer
 
 log = logging.getLogger("server")
 
@@ -196,6 +196,8 @@ class AvatarServer:
         def on_track(track) -> None:
             # The microphone as live speech (lipsync) or as the user's voice (converse);
             # any other incoming track is drained unused.
+            if track.kind == "audio" and mic in ("lipsync", "converse"):
+                shorten_receive_buffer(pc, track)
             if track.kind == "audio" and mic == "lipsync":
                 self._background(ingest.MicrophoneIngest(session.worker, track).run())
             elif track.kind == "audio" and mic == "converse":

@@ -94,11 +94,12 @@ ECHO_HOP_SAMPLES = 128
 ECHO_HOP_MS = ECHO_HOP_SAMPLES * 1000 / SAMPLE_RATE  # 8.0 ms
 # Band edges in FFT bins of 62.5 Hz: roughly third-octave above 500 Hz.
 ECHO_BAND_EDGES = np.array([2, 4, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 64, 80, 100, 129])
-# Echo delays searched: 0-500 ms, as the server sees them: the page's jitter buffer
-# and output device, the acoustic path, the input device and the server's own
-# receive jitter buffer (aiortc: 4 packets, 80-100 ms). An aiortc client echoing
-# what it received (bench/converse.py) measured ~300 ms; 300 was too short.
-DEFAULT_MAX_DELAY_MS = 500
+# Echo delays searched: 0-800 ms, as the server sees them: the page's jitter buffer
+# and output device (a Bluetooth speaker adds 150-250 ms), the acoustic path, the
+# input device and the server's own receive jitter buffer (aiortc: 4 packets,
+# 80-100 ms). An aiortc client echoing what it received (bench/converse.py)
+# measured 280-580 ms (more on a loaded machine); 500 let the longest through.
+DEFAULT_MAX_DELAY_MS = 800
 # Microphone history the echo path (delay, per-band gain) is estimated on.
 DEFAULT_ECHO_WINDOW_MS = 1000
 # The stretch of microphone audio judged: the newest 2 VAD frames.
