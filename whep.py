@@ -51,7 +51,7 @@ class WhepEndpoint:
         """``POST /whep``: the offer opens a new session; its peer is this player."""
         sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         wish.check_wish_offer(sdp, send=False)
-        session = await self.server.open_session(sdp, request.remote or "?")
+        session = await self.server.open_session(sdp, request.remote or "?", trickle=True)
         resource = wish.Resource(KIND, session, session.pc, owns_session=True)
         self.resources.add(resource)
         return wish.created(session.pc.localDescription.sdp, resource.location,

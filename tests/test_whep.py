@@ -1,0 +1,293 @@
+"""WHEP (draft-ietf-wish-whep): viewers of a session, status codes, and a WHEP player in Chromium.
+
+- Secondary tracks (webrtc.JoinPoint) join a running session at the next slot: the
+  same pts for the same unit, the same A/V pairing, and the session's metrics and
+  playback events stay the primary's.
+- An aiortc WHEP player (client.WhepViewer) of a speaking session: >= 20 fps, audio,
+  the speech at the same moment as the session's own peer; DELETE ends the viewer
+  and not the session; ``POST /whep`` without an id starts a session of its own.
+- Every refusal: 415, 404 (session, resource), 400, 405 + Allow, 503 beyond
+  --max_viewers, OPTIONS.
+- ``-m browser``: the ``whip-whep`` package's WHEPClient (web/vendor) in headless
+  Chromium plays ``/whep/<id>`` and ``/whep``: frames decoded at >= 20 fps, audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import aiohttp
+import numpy as np
+import pytest
+
+from clock import SessionClock, video_pts
+from conftest import FakeAvatar, SPEECH_RMS, wait_until
+from events import PlaybackTracker
+from metrics import Metrics
+from playout import MediaUnit, PlayoutBuffer
+from webrtc import TRACK_CHUNK, AvatarAudioTrack, AvatarVideoTrack, JoinPoint
+
+SDP = {"Content-Type": "application/sdp"}
+
+
+# -- tracks: a second pair joins with the same pts --------------------------------------
+def _worker():
+    av = FakeAvatar(4)
+    playout = PlayoutBuffer(av.frame, len(av), capacity=200)
+    for k in range(150):  # unit k: video value k, audio value 100 * k (one slot each)
+        playout.put(MediaUnit(np.full((32, 32, 3), k % 250, np.uint8), np.full(640, 100 * k, np.int16), 0))
+    chunks = []
+    playback = PlaybackTracker(lambda event: None)
+    on_chunk = playback.on_chunk
+    playback.on_chunk = lambda *a: (chunks.append(a[-1]), on_chunk(*a))
+    worker = SimpleNamespace(clock=SessionClock(), playout=playout, metrics=Metrics().session("t"),
+                             options=SimpleNamespace(drop_threshold_ms=200), stopped=False, playback=playback)
+    return worker, chunks
+
+
+async def _read(track, n):
+    return [await track.recv() for _ in range(n)]
+
+
+def test_a_second_pair_of_tracks_joins_with_the_same_pts_and_units():
+    worker, chunks = _worker()
+    pv, pa = AvatarVideoTrack(worker), AvatarAudioTrack(worker)
+
+    async def run():
+        primary = asyncio.gather(_read(pv, 20), _read(pa, 40))
+        await asyncio.sleep(0.2)  # the viewer arrives ~5 slots into the session
+        join = JoinPoint()
+        viewer = await asyncio.gather(_read(AvatarVideoTrack(worker, join), 8), _read(AvatarAudioTrack(worker, join), 16))
+        return await primary, viewer
+
+    (p_video, p_audio), (v_video, v_audio) = asyncio.run(run())
+    by_pts = {f.pts: int(f.to_ndarray(format="rgb24")[0, 0, 0]) for f in p_video}
+    first = v_video[0].pts
+    assert first >= video_pts(4), "the viewer starts at the current slot, not at slot 0"
+    assert [f.pts for f in v_video] == [first + i * video_pts(1) for i in range(8)]
+    for f in v_video:  # the same unit at the same pts (the frame is the unit's video)
+        assert int(f.to_ndarray(format="rgb24")[0, 0, 0]) == by_pts[f.pts]
+        assert by_pts[f.pts] == f.pts // video_pts(1)
+    # Pairing: the first audio chunk belongs to the first video frame's slot.
+    assert v_audio[0].pts / 48000 == pytest.approx(first / 90000)
+    p_level = {f.pts: float(f.to_ndarray().astype(np.float32).mean()) for f in p_audio}
+    for f in v_audio[1:]:  # the same unit's audio (past the resampler's first-chunk warm-up)
+        assert f.pts % TRACK_CHUNK == 0
+        assert float(f.to_ndarray().astype(np.float32).mean()) == pytest.approx(p_level[f.pts], abs=2.0)
+    # The session's figures and playback events count the primary's media only.
+    assert worker.metrics.frames_sent == 20 and worker.metrics.audio_chunks_sent == 40
+    assert chunks == list(range(40))
+
+
+# -- an aiortc WHEP player against a real server ----------------------------------------
+async def _offer(pc=None) -> str:
+    from aiortc import RTCPeerConnection
+
+    pc = pc or RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def _fps(rec) -> float:
+    t = rec.video_arrival
+    return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+
+
+def _first_loud(rec, n0=0) -> float | None:
+    for i in range(n0, len(rec.audio)):
+        if float(np.sqrt(np.mean(rec.audio[i] ** 2))) > SPEECH_RMS:
+            return rec.audio_arrival[i]
+    return None
+
+
+def test_whep_viewer_plays_the_session_and_delete_ends_only_the_viewer(server):
+    onsets, fps, audio, deleted, again, alive = asyncio.run(_run_viewers(server))
+    assert all(o is not None for o in onsets), f"speech reached every viewer: {onsets}"
+    assert max(onsets) - min(onsets) < 0.15, f"the viewers hear the speech at the same moment: {onsets}"
+    assert min(fps) >= 20, fps
+    assert min(audio) > 100, audio  # 20 ms frames over > 3 s
+    assert deleted == 200 and again == 404
+    assert alive >= 15, "the session's own peer kept receiving after the viewer left"
+
+
+async def _run_viewers(server):
+    from client import AvatarClient, WhepViewer
+
+    async with AvatarClient(server.url) as peer:
+        await asyncio.wait_for(peer.first_video.wait(), 10)
+        viewers = [WhepViewer(server.url, peer.sessionid, peer.token) for _ in range(2)]
+        for v in viewers:
+            await v.connect()
+        await asyncio.wait_for(asyncio.gather(*(v.first_video.wait() for v in viewers)), 10)
+        clients = (peer, *viewers)
+        n0 = [len(c.received.audio) for c in clients]
+        await peer.say("Hello there. Two viewers watch me speak through WHEP.")
+
+        async def all_loud():
+            return all(_first_loud(c.received, n) is not None for c, n in zip(clients, n0))
+
+        await wait_until(all_loud, 10)
+        await asyncio.sleep(2.5)
+        onsets = [_first_loud(c.received, n) for c, n in zip(clients, n0)]
+        fps = [_fps(v.received) for v in viewers]
+        audio = [len(v.received.audio) for v in viewers]
+        deleted = await viewers[0].delete()
+        again = await viewers[0].delete()
+        viewers[0].resource = None
+        frames = len(peer.received.video_t)
+        await asyncio.sleep(1.0)
+        alive = len(peer.received.video_t) - frames
+        for v in viewers:
+            await v.close()
+        return onsets, fps, audio, deleted, again, alive
+
+
+def test_post_whep_without_a_session_id_starts_a_talking_session(server):
+    from client import WhepViewer
+
+    async def run():
+        v = WhepViewer(server.url)
+        await v.connect()
+        await asyncio.wait_for(v.first_video.wait(), 10)
+        sid = v.sessionid
+        listed = sid[:8] in server.status()["sessions"]
+        n0 = len(v.received.audio)
+        async with v.http.post(server.url + "/human", json={"sessionid": sid, "text": "Hello from WHEP.",
+                                                              "type": "echo"}, headers=v._auth()) as r:
+            said = r.status
+
+        async def loud():
+            return _first_loud(v.received, n0) is not None
+
+        spoke = await wait_until(loud, 10)
+        deleted = await v.delete()
+        v.resource = None
+        await asyncio.sleep(0.3)
+        gone = sid[:8] not in server.status()["sessions"]
+        await v.close()
+        return listed, said, spoke, deleted, gone
+
+    listed, said, spoke, deleted, gone = asyncio.run(run())
+    assert listed and said == 200 and spoke, "a plain WHEP player gets a session that speaks"
+    assert deleted == 200 and gone, "DELETE of its resource ends the session"
+
+
+def test_whep_refusals(server):
+    from client import AvatarClient
+
+    async def run():
+        out = {}
+        offer = await _offer()
+        async with AvatarClient(server.url) as peer, aiohttp.ClientSession() as http:
+            base = f"{server.url}/whep/{peer.sessionid}"
+
+            async def post(url, data, headers):
+                async with http.post(url, data=data, headers=headers) as r:
+                    return r.status, (await r.json(content_type=None)) if r.status >= 400 else await r.text(), r.headers
+
+            out["type"] = await post(base, offer, {"Content-Type": "application/json"})
+            out["unknown"] = await post(f"{server.url}/whep/{'0' * 32}", offer, SDP)
+            out["bad"] = await post(base, "v=0\r\nnot an offer", SDP)
+            out["empty"] = await post(base, "", SDP)
+            made = [await post(base, await _offer(), SDP) for _ in range(4)]  # --max_viewers 4 (default)
+            out["made"] = [m[0] for m in made]
+            out["full"] = await post(base, await _offer(), SDP)
+            location = made[0][2]["Location"]
+            async with http.patch(server.url + location, data="a=candidate:1 1 udp 1 127.0.0.1 9 typ host",
+                                  headers={"Content-Type": "application/trickle-ice-sdpfrag"}) as r:
+                out["patch"] = r.status, r.headers.get("Allow", "")
+            async with http.options(base) as r:
+                out["options"] = r.status, r.headers.get("Accept-Post", "")
+            async with http.delete(f"{server.url}/whep/{peer.sessionid}/nosuchviewer") as r:
+                out["delete_unknown"] = r.status
+            for m in made:
+                async with http.delete(server.url + m[2]["Location"]) as r:
+                    assert r.status == 200
+            out["after"] = (await post(base, await _offer(), SDP))[0]
+        return out
+
+    out = asyncio.run(run())
+    assert out["type"][0] == 415 and "application/sdp" in out["type"][1]["msg"]
+    assert out["unknown"][0] == 404 and "unknown session" in out["unknown"][1]["msg"]
+    assert out["bad"][0] == 400 and "offer" in out["bad"][1]["msg"]
+    assert out["empty"][0] == 400
+    assert out["made"] == [201] * 4
+    assert out["full"][0] == 503 and "4 WHEP viewers" in out["full"][1]["msg"]
+    assert out["patch"][0] == 405 and "DELETE" in out["patch"][1] and "PATCH" not in out["patch"][1]
+    assert out["options"] == (204, "application/sdp")
+    assert out["delete_unknown"] == 404
+    assert out["after"] == 201, "a viewer's slot is free again after its DELETE"
+
+
+# -- the whip-whep package's WHEP client in headless Chromium -----------------------------
+# A player POSTs to /whep (a new session; its resource is /whep/<id>/<id>), a second
+# one to /whep/<id>; both are measured over the same seconds with getStats.
+WHEP_JS = """async ({seconds}) => {
+  const {WHEPClient} = await import('/web/vendor/whip-whep/whep.js');
+  const play = async (path) => {
+    const pc = new RTCPeerConnection();
+    pc.addTransceiver('video', {direction: 'recvonly'});
+    pc.addTransceiver('audio', {direction: 'recvonly'});
+    const video = document.createElement('video');
+    video.muted = true; video.autoplay = true; video.playsInline = true;
+    document.body.appendChild(video);
+    pc.ontrack = (e) => { video.srcObject = e.streams[0] || new MediaStream([e.track]); };
+    const whep = new WHEPClient();
+    await whep.view(pc, location.origin + path);
+    return {pc, whep};
+  };
+  const stats = async (pc) => {
+    let v = 0, a = 0;
+    (await pc.getStats()).forEach(s => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') v = s.framesDecoded || 0;
+      if (s.type === 'inbound-rtp' && s.kind === 'audio') a = s.packetsReceived || 0;
+    });
+    return [v, a];
+  };
+  const first = await play('/whep');
+  const sid = first.whep.resourceURL.pathname.split('/')[2];
+  const second = await play('/whep/' + sid);
+  const players = [first, second];
+  const deadline = performance.now() + 10000;
+  for (const p of players)
+    while ((await stats(p.pc))[0] === 0 && performance.now() < deadline) await new Promise(r => setTimeout(r, 50));
+  const s0 = await Promise.all(players.map(p => stats(p.pc))); const t0 = performance.now();
+  await new Promise(r => setTimeout(r, seconds * 1000));
+  const s1 = await Promise.all(players.map(p => stats(p.pc))); const t1 = performance.now();
+  const out = players.map((p, i) => ({fps: (s1[i][0] - s0[i][0]) / ((t1 - t0) / 1000), audio: s1[i][1] - s0[i][1],
+                                      first: s0[i][0], resource: p.whep.resourceURL.pathname}));
+  await second.whep.stop(); await first.whep.stop();
+  return out;
+}"""
+
+
+@pytest.mark.browser
+def test_whip_whep_client_in_chromium_plays_whep(server, whep_page):
+    own, viewer = whep_page.evaluate(WHEP_JS, {"seconds": 2})
+    sid = own["resource"].split("/")[2]
+    assert own["resource"] == f"/whep/{sid}/{sid}" and viewer["resource"].startswith(f"/whep/{sid}/")
+    for player in (own, viewer):
+        assert player["first"] > 0, f"Chromium decoded video: {player}"
+        assert player["fps"] >= 20, player
+        assert player["audio"] >= 50, player  # 20 ms packets over 2 s
+
+
+@pytest.fixture
+def whep_page(server):
+    from test_browser import CHROMIUM, CHROMIUM_FLAGS, _require_browser
+
+    _require_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page()
+        page.goto(server.url + "/web/vendor/whip-whep/whep.js")  # any page of the WHEP endpoint's origin
+        yield page
+        browser.close()
