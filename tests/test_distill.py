@@ -25,6 +25,7 @@ from musetalk.models import (
 from musetalk.student import feature_pairs, student_unet_config, teacher_key
 
 CLIP_FRAMES = 12
+STEPS = 150  # optimizer steps on the fixed batch
 AUDIO_DIM = 32  # the tiny checkpoints' Whisper width = cross_attention_dim
 
 
@@ -140,13 +141,13 @@ def test_every_distillation_loss_falls_on_a_fixed_batch(workdir, teacher, tmp_pa
     distiller, report = _distiller(teacher)
     assert report["unet_init"]["copied"] > 0.9 * report["unet_init"]["total"]  # BK-SDM init from the teacher
     data = _FixedCrop(DistillData(workdir / "out" / "data"), teacher[0], distiller.pe)
-    opts = TrainOptions(steps=200, batch_size=2, lr=1e-3, vae_lr=3e-3, save_every=1000, weights=LossWeights())
+    opts = TrainOptions(steps=STEPS, batch_size=2, lr=1e-3, vae_lr=3e-3, save_every=1000, weights=LossWeights())
     train(distiller, data, tmp_path, opts)
     rows = read_log(tmp_path / "losses.csv")
-    assert len(rows) == 200 and list(rows[0]) == list(LOSS_COLUMNS)
+    assert len(rows) == STEPS and list(rows[0]) == list(LOSS_COLUMNS)
     for loss in ("out_kd", "feat_kd", "rec_l1", "unet_total", "vae_l1"):
         first, last = rows[0][loss], np.mean([r[loss] for r in rows[-10:]])
-        assert last < first / 4, f"{loss}: {first:.4g} -> {last:.4g} (want a 4x fall in 200 steps)"
+        assert last < first / 4, f"{loss}: {first:.4g} -> {last:.4g} (want a 4x fall in {STEPS} steps)"
     # the end of training is exported where the server loads it
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "vae" / "config.json").is_file()
