@@ -1,0 +1,140 @@
+"""Fan-out through Janus: a session published into a VideoRoom, two subscribers reading it.
+
+Debian's ``janus`` (1.1) runs with a config folder of its own (``janus.JanusProcess``:
+HTTP API on 127.0.0.1, VideoRoom only). Janus never gathers loopback candidates, so
+the server here listens beyond loopback (with ``--api_key``) to offer the host's
+address too. Checked: ``POST /janus`` answers room and feed; two subscribers
+(``client.JanusViewer``) receive ~25 fps video and the avatar's speech; the server's
+CPU with two subscribers stays near that with one (Janus forwards; the session
+encodes once; measured properly by ``bench/egress.py``); ``stop`` unpublishes;
+refusals: no Janus configured or reachable.
+
+Without janus installed the tests skip (``apt-get install janus``); under
+REQUIRE_BROWSER_TESTS=1 (CI, which installs it in .ci/run) they fail instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from conftest import SPEECH_RMS, wait_until
+
+KEY = "janus-test-key"
+MEASURE_S = 3.0
+
+
+def _require_janus():
+    from janus import HOW_TO_GET
+
+    if shutil.which("janus") is None:
+        if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
+            pytest.fail(f"janus not installed (REQUIRE_BROWSER_TESTS=1): {HOW_TO_GET}")
+        pytest.skip(f"janus not installed: {HOW_TO_GET}")
+
+
+@pytest.fixture(scope="module")
+def janus_server(tmp_path_factory):
+    _require_janus()
+    from client import ServerProcess, free_port
+    from janus import JanusProcess
+
+    work = tmp_path_factory.mktemp("janus")
+    gateway = JanusProcess(work, free_port())
+    srv = ServerProcess(work, "--max_session", "2", "--listen", "0.0.0.0", "--api_key", KEY,
+                        "--janus_url", gateway.url)
+    yield srv, gateway
+    srv.stop()
+    gateway.stop()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time (s) of a process so far (/proc/<pid>/stat)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _cpu_over(pid: int, seconds: float) -> float:
+    c0, t0 = _cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+
+
+def _fps(rec, since: float) -> float:
+    t = [a for a in rec.video_arrival if a >= since]
+    return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+
+
+def test_two_janus_subscribers_get_the_session_and_the_server_encodes_once(janus_server):
+    from client import AvatarClient, JanusViewer
+
+    srv, gateway = janus_server
+
+    async def run():
+        out = {}
+        async with AvatarClient(srv.url, api_key=KEY) as peer:
+            await asyncio.wait_for(peer.first_video.wait(), 10)
+            token, peer.token = peer.token, None  # /janus takes the API key (it names a URL to reach)
+            published = await peer.post("/janus", {"sessionid": peer.sessionid})
+            peer.token = token
+            out["published"] = published
+            viewers = [JanusViewer(srv.url, gateway.url, published["room"], published["feed"]) for _ in range(2)]
+            await viewers[0].connect()
+            await asyncio.wait_for(viewers[0].first_video.wait(), 10)
+            await asyncio.sleep(1.0)
+            out["cpu_one"] = await _cpu_over(srv.proc.pid, MEASURE_S)
+            await viewers[1].connect()
+            await asyncio.wait_for(viewers[1].first_video.wait(), 10)
+            await asyncio.sleep(1.0)
+            out["cpu_two"] = await _cpu_over(srv.proc.pid, MEASURE_S)
+            since = time.monotonic()
+            n0 = [len(v.received.audio) for v in viewers]
+            await peer.say("Hello there. Everyone in the room hears me through Janus.")
+
+            async def loud():
+                return all(sum(float(np.sqrt(np.mean(a * a))) > SPEECH_RMS for a in v.received.audio[n:]) >= 25
+                           for v, n in zip(viewers, n0))
+
+            out["spoke"] = await wait_until(loud, 12)
+            out["fps"] = [_fps(v.received, since) for v in viewers]
+            peer.token = None
+            out["stop"] = await peer.post("/janus", {"sessionid": peer.sessionid, "stop": True})
+            for v in viewers:
+                await v.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out["published"]["code"] == 0 and out["published"]["room"] > 0 and out["published"]["feed"], out
+    assert out["spoke"], "both subscribers heard the avatar through Janus"
+    assert min(out["fps"]) >= 20, out["fps"]
+    # One encode whatever the audience: a second subscriber costs the server (almost)
+    # nothing. Loose here (a shared 2-core machine); bench/egress.py measures it.
+    assert out["cpu_two"] <= out["cpu_one"] * 1.3 + 0.05, (out["cpu_one"], out["cpu_two"])
+    assert out["stop"]["stopped"] is True
+
+
+def test_janus_refusals(janus_server):
+    from client import AvatarClient
+
+    srv, _ = janus_server
+
+    async def run():
+        async with AvatarClient(srv.url, api_key=KEY) as peer:
+            await asyncio.wait_for(peer.first_video.wait(), 10)
+            peer.token = None
+            sid = peer.sessionid
+            return (await peer.post("/janus", {"sessionid": sid, "url": "http://127.0.0.1:9/janus"}),
+                    await peer.post("/janus", {"sessionid": sid, "room": "lobby"}),
+                    await peer.post("/janus", {"sessionid": sid, "url": "file:///etc/passwd"}),
+                    await peer.post("/janus", {"sessionid": sid, "stop": True}))
+
+    unreachable, room, scheme, stop = asyncio.run(run())
+    assert unreachable["code"] == -1 and "unreachable" in unreachable["msg"]
+    assert room["code"] == -1 and "positive integer" in room["msg"]
+    assert scheme["code"] == -1 and "http" in scheme["msg"]
+    assert stop["stopped"] is False
