@@ -112,6 +112,7 @@ class PlayoutBuffer:
         self._last_video: np.ndarray | None = None  # video of the last unit with user audio
         self._fade = 0  # idle slots left in the cross-fade after an underrun
         self._closed = False
+        self._followers = threading.Condition()  # wakes readers waiting in wait_decided
         self.loop_pos = 0  # loop index of the next idle frame
         self.epoch = 0
         self.underruns = 0  # idle slots inserted inside a segment (producer late)
@@ -155,6 +156,8 @@ class PlayoutBuffer:
             self._decided.clear()  # a closed session's frames go now, whoever still holds the buffer
             self._last_video = None
             self._cond.notify_all()
+        with self._followers:
+            self._followers.notify_all()
 
     # -- consumer side (event loop) ------------------------------------------------
     @property
@@ -178,6 +181,31 @@ class PlayoutBuffer:
         if unit is None:  # asked far too late: history pruned
             unit = self._idle_unit(self.loop_pos)
         return unit
+
+    # -- followers (any thread) ---------------------------------------------------
+    # A follower (muxer.SlotFollower: the fMP4 stream, a recording) reads the units the
+    # tracks decided, after them, and never decides a slot itself: the tracks' pacing
+    # and the producer's queue stay theirs alone, whatever a follower does.
+    @property
+    def next_slot(self) -> int:
+        """The first slot not decided yet (0 before the tracks started)."""
+        return self._next_slot
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def decided(self, slot: int) -> MediaUnit | None:
+        """The unit the tracks got for ``slot``; None if not decided yet or no longer
+        in the history. Never decides anything; safe from any thread."""
+        return self._decided.get(slot)
+
+    def wait_decided(self, slot: int, timeout: float) -> bool:
+        """Block (a follower's thread, never the loop) until ``slot`` is decided or the
+        buffer is closed, at most ``timeout`` s. Returns True when it is decided."""
+        with self._followers:
+            self._followers.wait_for(lambda: self._next_slot > slot or self._closed, timeout)
+        return self._next_slot > slot
 
     def _decide(self, slot: int) -> None:
         with self._cond:
@@ -206,6 +234,8 @@ class PlayoutBuffer:
         self._next_slot = slot + 1
         while len(self._decided) > self._history:
             self._decided.popitem(last=False)
+        with self._followers:
+            self._followers.notify_all()
 
     def _faded(self, idle: MediaUnit) -> np.ndarray:
         """The idle frame mixed with the last speech frame, weight fading to 0."""
