@@ -32,8 +32,9 @@ from api import error_response
 log = logging.getLogger(__name__)
 
 SESSION_ROUTES = frozenset({"/human", "/humanaudio", "/interrupt_talk", "/is_speaking", "/ws", "/events", "/sse",
-                            "/stats"})
-SESSION_PREFIXES = ("/whep/", "/whip/")  # /whep/<sessionid>[/<resource>]: the session's token, or the key
+                            "/stats", "/record"})
+# /whep/<sessionid>[/<resource>], /stream/<sessionid>.mp4, /record/<sessionid>: the session's token, or the key
+SESSION_PREFIXES = ("/whep/", "/whip/", "/stream/", "/record/")
 PUBLIC_ROUTES = frozenset({"/"})
 PUBLIC_PREFIXES = ("/web/",)
 
