@@ -619,3 +619,12 @@ class JanusViewer(AvatarClient):
         if self.subscriber is not None:
             await self.subscriber.close()
         await super().close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time (s) a process has used so far (Linux ``/proc/<pid>/stat``)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

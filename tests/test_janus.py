@@ -53,16 +53,13 @@ def janus_server(tmp_path_factory):
     gateway.stop()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time (s) of a process so far (/proc/<pid>/stat)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _cpu_over(pid: int, seconds: float) -> float:
-    c0, t0 = _cpu_seconds(pid), time.monotonic()
+    """Cores' worth of CPU the process used over the next ``seconds``."""
+    from client import cpu_seconds
+
+    c0, t0 = cpu_seconds(pid), time.monotonic()
     await asyncio.sleep(seconds)
-    return (_cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    return (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
 
 
 def _fps(rec, since: float) -> float:
