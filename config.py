@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_viewers", type=int, default=4, help="WHEP viewers per session (each is one more encode)")
     p.add_argument("--whip_url", help="push every session to this WHIP endpoint once its peer connects (http/https)")
     p.add_argument("--whip_token", help="bearer token for --whip_url")
+    p.add_argument("--video_codec", default="auto", choices=["auto", "vp8", "h264"],
+                   help="video codec to send when the client offers both (auto: the cheaper to encode, VP8, "
+                   "per bench/codec.py); a client that offers only one gets that one")
     p.add_argument("--janus_url", help="Janus' HTTP API (e.g. http://127.0.0.1:8088/janus) for POST /janus")
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)

@@ -31,7 +31,7 @@ from events import EventBus, attach_data_channel
 from metrics import Metrics
 from security import AccessControl
 from sessions import Session, SessionRegistry
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, parse_ice_servers, shorten_receive_buffer
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, check_offer, parse_ice_servers, prefer_video_codec, shorten_receive_buffer
 
 log = logging.getLogger("server")
 
@@ -212,7 +212,8 @@ class AvatarServer:
                 pc.addTransceiver(audio_track, direction="sendrecv")
             else:
                 pc.addTrack(audio_track)
-            pc.addTrack(AvatarVideoTrack(session.worker))
+            video_sender = pc.addTrack(AvatarVideoTrack(session.worker))
+            prefer_video_codec(pc, video_sender, self.args.video_codec, sdp)  # --video_codec, if offered
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # what check_offer cannot see

@@ -290,3 +290,62 @@ def shorten_receive_buffer(pc, track, packets: int = MIC_PREFETCH_PACKETS) -> bo
                 buffer._prefetch = max(1, int(packets))
                 return True
     return False
+
+
+# Video codec preference (issue #10). aiortc answers with the codecs in the offer's order
+# unless the transceiver has preferences; the first one is the one it encodes.
+VIDEO_CODEC_MIME = {"vp8": "video/VP8", "h264": "video/H264"}
+RTX_MIME = "video/rtx"
+# `auto` = VP8, the cheaper encoder measured by bench/codec.py (docs/benchmarks.md, "Video
+# codec cost (issue #10)"): on the default avatar (512x512, 25 fps, a talking mouth), aiortc
+# 1.16's own encoders at their start bitrates, this 2-core CPU, 5 runs: VP8 1.4-2.0 ms of
+# process CPU per frame at 494 kbit/s, H.264 (libx264) 4.9-6.1 ms at 709 kbit/s: ~3x the
+# CPU per stream (~20 vs ~7 streams per core). Both hold the GIL only ~0.1 ms per frame.
+AUTO_VIDEO_CODEC = "vp8"
+
+
+def offered_video_codecs(sdp: str) -> set[str]:
+    """Lower-case MIME types (``video/vp8``, ``video/h264``, ``video/rtx``...) that the
+    video sections of the offer ``sdp`` carry (empty when it has no video section).
+
+    Raises:
+        ValueError: an SDP aiortc cannot parse (``check_offer`` refuses those first).
+    """
+    from aiortc.sdp import SessionDescription
+
+    desc = SessionDescription.parse(sdp)
+    return {c.mimeType.lower() for m in desc.media if m.kind == "video" for c in m.rtp.codecs}
+
+
+def prefer_video_codec(pc, sender, preference: str, offer_sdp: str) -> list[str]:
+    """Put the preferred video codec first on ``sender``'s transceiver, before the offer is applied.
+
+    ``preference``: ``auto`` (``AUTO_VIDEO_CODEC``, the cheaper to encode), ``vp8`` or
+    ``h264``. The transceiver's preferences (``RTCRtpTransceiver.setCodecPreferences``
+    over ``RTCRtpSender.getCapabilities("video")``) become: the preferred codec, then
+    aiortc's other video codecs, keeping only those the offer carries, so a client that
+    offers only the other codec still gets it; RTX stays when offered (aiortc pairs it
+    with each kept codec). Call it after ``pc.addTrack`` and before
+    ``pc.setRemoteDescription``. Returns the MIME types in preference order (empty when
+    the offer has no video or nothing in common: the preferences are then left alone).
+
+    Raises:
+        ValueError: an unknown ``preference``, or no transceiver for ``sender``.
+    """
+    from aiortc import RTCRtpSender
+
+    if preference == "auto":
+        preference = AUTO_VIDEO_CODEC
+    if preference not in VIDEO_CODEC_MIME:
+        raise ValueError(f"video codec must be 'auto', 'vp8' or 'h264', got {str(preference)[:20]!r}")
+    transceiver = next((t for t in pc.getTransceivers() if t.sender is sender), None)
+    if transceiver is None:
+        raise ValueError("the sender belongs to no transceiver of this peer connection")
+    offered = offered_video_codecs(offer_sdp)
+    first = VIDEO_CODEC_MIME[preference].lower()
+    capabilities = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType.lower() in offered]
+    ordered = sorted(capabilities, key=lambda c: c.mimeType.lower() != first)  # stable: aiortc's order otherwise
+    if not any(c.mimeType.lower() != RTX_MIME for c in ordered):
+        return []
+    transceiver.setCodecPreferences(ordered)
+    return [c.mimeType for c in ordered]
