@@ -45,7 +45,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 import ingest
 import wish
 from api import HTTPError, ok, read_json
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint, shorten_receive_buffer
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class WhipEndpoint:
         @pc.on("track")
         def on_track(track) -> None:
             if track.kind == "audio" and not tasks:
+                shorten_receive_buffer(pc, track)  # live speech, not played out here: 2 packets, not 4
                 tasks.append(asyncio.ensure_future(ingest.MicrophoneIngest(session.worker, track).run()))
             else:
                 from server import drain
