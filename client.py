@@ -450,7 +450,29 @@ def av_offset(rec: Received, box: tuple[int, int, int, int], max_lag: float = 0.
     motion = mouth_motion(rec, box, reference)
     lo, hi = (vt[0], vt[-1]) if t_range is None else t_range
     grid = np.arange(lo + max_lag, hi - max_lag, step)
-    env = audio_envelope(rec, grid)
+    return best_lag(vt, motion, grid, audio_envelope(rec, grid), max_lag, step, held)
+
+
+def best_lag(video_t: np.ndarray, motion: np.ndarray, grid: np.ndarray, env: np.ndarray, max_lag: float = 0.2,
+             step: float = 0.005, held: bool = False) -> tuple[float, float]:
+    """The core of :func:`av_offset` on plain arrays: the lag (s) in ``[-max_lag, max_lag]``
+    (``step`` s apart) at which mouth motion best correlates (Pearson) with the audio
+    envelope, and that peak correlation ((0.0, -1.0) when nothing varies).
+
+    Args:
+        video_t: (N,) increasing times (s) of the video frames, on any clock shared with ``grid``.
+        motion: (N,) mouth motion per frame (e.g. :func:`mouth_motion`).
+        grid: (M,) times (s) at which the envelope was taken.
+        env: (M,) audio envelope (e.g. RMS) at ``grid``.
+        held: each frame stands from its time until the next (as a display shows it)
+            instead of being interpolated between frame times.
+
+    A positive lag means the mouth moves *after* the sound (video late).
+    """
+    vt = np.asarray(video_t, np.float64)
+    motion = np.asarray(motion, np.float32)
+    grid = np.asarray(grid, np.float64)
+    env = np.asarray(env, np.float32)
     best = (0.0, -1.0)
     for lag in np.arange(-max_lag, max_lag + step / 2, step):
         if held:

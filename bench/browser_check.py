@@ -42,11 +42,36 @@ STATS_JS = """async () => {
   (await pc.getStats()).forEach(r => {
     if (r.type !== 'inbound-rtp') return;
     out[r.kind] = {framesDecoded: r.framesDecoded ?? null, framesPerSecond: r.framesPerSecond ?? null,
-                   packetsLost: r.packetsLost, jitterBufferDelay: r.jitterBufferDelay,
-                   jitterBufferEmittedCount: r.jitterBufferEmittedCount};
+                   framesDropped: r.framesDropped ?? null, packetsLost: r.packetsLost,
+                   jitterBufferDelay: r.jitterBufferDelay, jitterBufferEmittedCount: r.jitterBufferEmittedCount,
+                   concealedSamples: r.concealedSamples ?? null, totalSamplesReceived: r.totalSamplesReceived ?? null};
   });
   return out;
 }"""
+
+
+async def launch(p, chromium: str, *flags: str):
+    """Headless Chromium from ``chromium`` (a path; playwright downloads nothing) with
+    CHROMIUM_FLAGS plus ``flags``. ``p``: a started ``async_playwright()``."""
+    return await p.chromium.launch(executable_path=chromium, args=[*CHROMIUM_FLAGS, *flags])
+
+
+async def start_page(browser, url: str, mic: str = "off"):
+    """Open the project's page at ``url``, pick microphone mode ``mic``, press Start and
+    wait (up to 20 s) until the video shows a frame. Returns the playwright page; the
+    page's globals (``pc``, ``sessionid``, ``token``, ``eventLog``) are then set."""
+    page = await browser.new_page()
+    await page.goto(url)
+    await page.check(f'input[name="micmode"][value="{mic}"]')
+    await page.click("#start")
+    await page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=20000)
+    return page
+
+
+def jitter_buffer_ms(delay_s: float | None, emitted: int | None) -> float | None:
+    """Mean jitter-buffer delay (ms) from getStats' ``jitterBufferDelay`` (s, summed over
+    emitted samples/frames) and ``jitterBufferEmittedCount``; None when nothing was emitted."""
+    return round(1000 * delay_s / emitted, 1) if emitted and delay_s is not None else None
 
 
 async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, mic_wav: Path) -> dict:
@@ -55,13 +80,8 @@ async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, 
     srv = ServerProcess(Path(tempfile.mkdtemp()), "--model", "default", "--log_level", "WARNING")
     try:
         async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chromium,
-                                              args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={mic_wav}"])
-            page = await browser.new_page()
-            await page.goto(srv.url)
-            await page.check(f'input[name="micmode"][value="{mic}"]')
-            await page.click("#start")
-            await page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=20000)
+            browser = await launch(p, chromium, f"--use-file-for-fake-audio-capture={mic_wav}")
+            page = await start_page(browser, srv.url, mic)
             if mic == "off":
                 await page.fill("#text", "Hello from the browser. My lips move while I speak, in sync with my voice.")
                 await page.click("#say")
@@ -83,8 +103,7 @@ async def run(chromium: str, seconds: float, screenshot: Path | None, mic: str, 
     finally:
         srv.stop()
     for s in stats.values():
-        n = s.pop("jitterBufferEmittedCount") or 0
-        s["mean_jitter_buffer_ms"] = round(1000 * s.pop("jitterBufferDelay") / n, 1) if n else None
+        s["mean_jitter_buffer_ms"] = jitter_buffer_ms(s.pop("jitterBufferDelay"), s.pop("jitterBufferEmittedCount"))
     return {"mic": mic, "status": status, "one_media_stream": same_stream, "inbound": stats, "events": events,
             "stats_panel": panel, "seconds": seconds}
 

@@ -90,3 +90,12 @@ def test_the_measure_sees_a_one_frame_delay(avatar, measured):
     lag, _ = measured(*VOICES[0])
     late, _ = avo.offline_offset(espeak_clip(*VOICES[0]), avatar, lambda: _OneFrameLate(avatar), step=0.001)
     assert (late - lag) * 1000 == pytest.approx(40, abs=8), (lag, late)
+
+
+def test_best_lag_finds_a_known_video_delay():
+    from client import best_lag
+
+    wave = lambda t: np.sin(2 * np.pi * 0.7 * t) + np.sin(2 * np.pi * 1.9 * t)  # noqa: E731
+    vt, grid = np.arange(0, 10, 0.04), np.arange(0.5, 9.5, 0.005)
+    lag, r = best_lag(vt, wave(vt - 0.06), grid, wave(grid))  # the mouth follows the sound 60 ms late
+    assert abs(lag - 0.06) < 0.006 and r > 0.99
