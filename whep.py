@@ -60,8 +60,8 @@ class WhepEndpoint:
 
     async def view(self, request: web.Request) -> web.Response:
         """``POST /whep/<sessionid>``: a new viewer of a running session."""
-        sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         session = self.server.session({"sessionid": request.match_info["sessionid"]}, request)
+        sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         wish.check_wish_offer(sdp, send=False)
         limit = self.server.args.max_viewers
         if self.resources.count(session, KIND) >= limit:

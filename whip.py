@@ -64,8 +64,8 @@ class WhipEndpoint:
         self.resources = resources
 
     async def publish(self, request: web.Request) -> web.Response:
-        sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         session = self.server.session({"sessionid": request.match_info["sessionid"]}, request, connected=True)
+        sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         wish.check_wish_offer(sdp, send=True)
         if self.resources.count(session, KIND):
             raise HTTPError(409, "this session already has a WHIP publisher: DELETE its resource first")

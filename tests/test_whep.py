@@ -292,3 +292,79 @@ def whep_page(server):
         page.goto(server.url + "/web/vendor/whip-whep/whep.js")  # any page of the WHEP endpoint's origin
         yield page
         browser.close()
+
+
+# -- offers without candidates, publishers' offers (webrtc.check_offer) ------------------------
+def test_check_offer_modes_for_whep_and_whip():
+    from webrtc import check_offer
+
+    async def offers():
+        from aiortc import RTCPeerConnection
+
+        from client import MicrophoneTrack, Received
+
+        pc = RTCPeerConnection()
+        pc.addTransceiver(MicrophoneTrack(Received()).track, direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        send = pc.localDescription.sdp
+        await pc.close()
+        return await _offer(), send
+
+    recv, send = asyncio.run(offers())
+    bare = "\r\n".join(line for line in recv.split("\r\n") if not line.startswith("a=candidate"))
+    check_offer(recv)
+    with pytest.raises(ValueError, match="no UDP ICE candidate"):
+        check_offer(bare)  # /offer: candidates required
+    check_offer(bare, candidates=False)  # WHEP: a player that POSTs before gathering
+    check_offer(send, send=True)  # WHIP: the publisher sends audio
+    with pytest.raises(ValueError, match="receives neither"):
+        check_offer(send)
+    with pytest.raises(ValueError, match="sends no audio"):
+        check_offer(recv, send=True)
+
+
+# -- access control and limits on a server with --api_key and --max_viewers 1 ------------------
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory):
+    from client import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("keyed"), "--max_session", "2", "--api_key", "k1",
+                        "--max_viewers", "1")
+    yield srv
+    srv.stop()
+
+
+def test_whep_needs_the_sessions_token_and_bounds_viewers(keyed_server):
+    from client import AvatarClient
+
+    url = keyed_server.url
+
+    async def run():
+        out = {}
+        async with AvatarClient(url, api_key="k1") as peer, aiohttp.ClientSession() as http:
+            await asyncio.wait_for(peer.first_video.wait(), 10)
+            base = f"{url}/whep/{peer.sessionid}"
+            offer = await _offer()
+
+            async def post(target, data, auth=None):
+                headers = {**SDP, **({"Authorization": f"Bearer {auth}"} if auth else {})}
+                async with http.post(target, data=data, headers=headers) as r:
+                    return r.status, r.headers.get("Location")
+
+            out["none"] = (await post(base, offer))[0]
+            out["wrong"] = (await post(base, offer, "not-the-token"))[0]
+            out["new_without_key"] = (await post(f"{url}/whep", offer))[0]
+            out["huge"] = (await post(base, offer + "a=x-padding:" + "x" * 70000 + "\r\n", peer.token))[0]
+            out["token"], location = await post(base, offer, peer.token)
+            out["second"] = (await post(base, await _offer(), "k1"))[0]  # the API key works too
+            async with http.delete(url + location) as r:
+                out["delete_without"] = r.status
+            async with http.delete(url + location, headers={"Authorization": f"Bearer {peer.token}"}) as r:
+                out["delete"] = r.status
+        return out
+
+    out = asyncio.run(run())
+    assert (out["none"], out["wrong"], out["new_without_key"]) == (401, 401, 401)
+    assert out["huge"] == 413
+    assert out["token"] == 201 and out["second"] == 503  # --max_viewers 1
+    assert (out["delete_without"], out["delete"]) == (401, 200)
