@@ -5,7 +5,8 @@
   playback events stay the primary's.
 - An aiortc WHEP player (client.WhepViewer) of a speaking session: >= 20 fps, audio,
   the speech at the same moment as the session's own peer; DELETE ends the viewer
-  and not the session; ``POST /whep`` without an id starts a session of its own.
+  and not the session, and so does a viewer that vanishes; ``POST /whep`` without
+  an id starts a session of its own.
 - Every refusal: 415, 404 (session, resource), 400, 405 + Allow, 503 beyond
   --max_viewers, OPTIONS.
 - ``-m browser``: the ``whip-whep`` package's WHEPClient (web/vendor) in headless
@@ -107,13 +108,14 @@ def _first_loud(rec, n0=0) -> float | None:
 
 
 def test_whep_viewer_plays_the_session_and_delete_ends_only_the_viewer(server):
-    onsets, fps, audio, deleted, again, alive = asyncio.run(_run_viewers(server))
+    onsets, fps, audio, deleted, again, alive, gone = asyncio.run(_run_viewers(server))
     assert all(o is not None for o in onsets), f"speech reached every viewer: {onsets}"
     assert max(onsets) - min(onsets) < 0.15, f"the viewers hear the speech at the same moment: {onsets}"
     assert min(fps) >= 20, fps
     assert min(audio) > 100, audio  # 20 ms frames over > 3 s
     assert deleted == 200 and again == 404
-    assert alive >= 15, "the session's own peer kept receiving after the viewer left"
+    assert gone, "a viewer whose peer went away is dropped without a DELETE"
+    assert alive >= 15, "the session's own peer kept receiving after both viewers left"
 
 
 async def _run_viewers(server):
@@ -140,12 +142,20 @@ async def _run_viewers(server):
         deleted = await viewers[0].delete()
         again = await viewers[0].delete()
         viewers[0].resource = None
+        # The second viewer vanishes without a DELETE: its resource goes, the session stays.
+        await viewers[1].pc.close()
+
+        async def viewer_gone():
+            return await viewers[1].delete() == 404
+
         frames = len(peer.received.video_t)
-        await asyncio.sleep(1.0)
+        gone = await wait_until(viewer_gone, 8)
+        await asyncio.sleep(0.5)
         alive = len(peer.received.video_t) - frames
+        viewers[1].resource = None
         for v in viewers:
             await v.close()
-        return onsets, fps, audio, deleted, again, alive
+        return onsets, fps, audio, deleted, again, alive, gone
 
 
 def test_post_whep_without_a_session_id_starts_a_talking_session(server):
