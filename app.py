@@ -103,7 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("listening on %s without --api_key: anyone who can reach this port can open sessions "
                     "and make the avatar say anything", args.listen)
     try:
-        app = build_app(args)
+        if args.workers > 0 or args.ray_address:  # sessions in Ray actors behind this front
+            from front import build_front_app
+
+            app = build_front_app(args)
+        else:
+            app = build_app(args)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     asyncio.run(serve(app, args))

@@ -15,6 +15,7 @@ import yaml
 
 import chat
 import tts
+import workers
 
 from basereal import SessionOptions
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)
     tts.add_arguments(p)
+    workers.add_arguments(p)
     return p
 
 
