@@ -3,6 +3,8 @@
 - ``first_bytes``: request sent -> first body byte (the init segment), and -> first
   decodable video frame (the first fragment that PyAV decodes a frame from), over
   ``--trials`` requests to a connected, idle session (target <= 400 ms);
+- ``reader_cost``: the server's CPU (cores) with 0..``--max_readers`` fMP4 readers of
+  one idle session (each reader is one H.264 + AAC encode);
 - ``first_speech``: first audio chunk pushed over ``/ws`` -> first speech audio at
   the fMP4 reader (arrival of the bytes that carry it), next to the same
   utterance's first speech at the session's WebRTC peer (RTP packet at aiortc's
@@ -13,7 +15,7 @@ shared with tests/test_fmp4.py and tests/test_record.py.
 
 Usage::
 
-    .venv/bin/python bench/fmp4.py [--trials 10] [--out r.json]
+    .venv/bin/python bench/fmp4.py [--trials 10] [--max_readers 4] [--out r.json]
 """
 
 from __future__ import annotations
@@ -213,11 +215,36 @@ async def bench_first_speech(url: str, trials: int) -> dict:
             "fmp4_first_speech_ms": stats(fmp4), "webrtc_first_speech_ms": stats(webrtc)}
 
 
+async def bench_reader_cost(url: str, pid: int, max_readers: int, seconds: float) -> dict:
+    import aiohttp
+
+    from client import cpu_seconds
+
+    cores = []
+    async with AvatarClient(url, keep_media=False) as c, aiohttp.ClientSession() as http:
+        await ready(c)
+        for n in range(max_readers + 1):
+            readers = [asyncio.ensure_future(read_stream(http, f"{url}/stream/{c.sessionid}.mp4", seconds=seconds + 1.5))
+                       for _ in range(n)]
+            await asyncio.sleep(1.0)  # readers started
+            t0, cpu0 = time.monotonic(), cpu_seconds(pid)
+            await asyncio.sleep(seconds)
+            cores.append(round((cpu_seconds(pid) - cpu0) / (time.monotonic() - t0), 3))
+            for r in await asyncio.gather(*readers):
+                assert r.status == 200
+            await asyncio.sleep(0.5)
+    slope = float(np.polyfit(np.arange(len(cores)), cores, 1)[0]) if len(cores) > 1 else None
+    return {"seconds": seconds, "server_cores_by_readers": cores,
+            "per_reader_cores": round(slope, 3) if slope is not None else None}
+
+
 def main() -> None:
     from bench.common import MEDIA, emit
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="first_bytes,first_speech")
+    ap.add_argument("--only", default="first_bytes,first_speech,reader_cost")
+    ap.add_argument("--max_readers", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=5.0, help="CPU measuring window per reader count")
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -228,12 +255,15 @@ def main() -> None:
         "media": "shared/media/sun.wav" if (MEDIA / "sun.wav").exists() else "espeak speech",
     }
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(Path(tmp), "--model", "default", "--log_level", "WARNING")
+        srv = ServerProcess(Path(tmp), "--model", "default", "--log_level", "WARNING",
+                            "--stream_max_readers", str(max(4, args.max_readers)))
         try:
             if "first_bytes" in only:
                 out["first_bytes"] = asyncio.run(bench_first_bytes(srv.url, args.trials))
             if "first_speech" in only:
                 out["first_speech"] = asyncio.run(bench_first_speech(srv.url, args.trials))
+            if "reader_cost" in only:
+                out["reader_cost"] = asyncio.run(bench_reader_cost(srv.url, srv.proc.pid, args.max_readers, args.seconds))
         finally:
             srv.stop()
     emit(out, args.out)
