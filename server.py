@@ -137,7 +137,7 @@ class AvatarServer:
                                   "sessionid": session.id, "token": session.token, "code": 0})
 
     async def open_session(self, sdp: str, address: str, mic: Any = None, avatar: Any = None,
-                           voice: Any = None) -> Session:
+                           voice: Any = None, trickle: bool = False) -> Session:
         """Admit a peer's offer ``sdp`` as a new session and answer it.
 
         ``mic``: None/"off" (incoming audio is drained), "lipsync" (the microphone is
@@ -146,13 +146,15 @@ class AvatarServer:
         ``session.pc.localDescription`` is the answer and the session is registered
         (pending until its peer connects). Raises HTTPError: 400 for a bad offer or
         option, 503/429 when the server or the address is full (``registry.admit``).
+        ``trickle``: the offer may come without candidates (WHEP players that POST
+        before gathering; ICE learns their address from their checks).
         """
         if mic not in (None, "off", "lipsync", "converse"):
             raise HTTPError(400, f"'mic' must be 'lipsync', 'converse' or 'off', got {str(mic)[:20]!r}")
         if mic == "converse" and self.chat is None:
             raise HTTPError(400, "'mic': 'converse' needs an LLM: start the server with --llm_url")
         try:
-            check_offer(sdp)
+            check_offer(sdp, candidates=not trickle)
         except ValueError as e:
             raise HTTPError(400, f"bad offer: {e}") from e
         refusal = self.registry.admit(address)
