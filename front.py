@@ -197,8 +197,29 @@ class Front:
 
     async def _relay(self, request: web.Request, body: bytes, worker: Worker,
                      capture: bool = False) -> web.StreamResponse:
+        """Relay ``request`` to ``worker``; cut short (410) if the worker is lost meanwhile
+        (a hung worker never answers on its own)."""
+        started: list[web.StreamResponse] = []  # a response already sent to the client
         if request.headers.get("Upgrade", "").lower() == "websocket":
-            return await self._relay_websocket(request, worker)
+            work = self._relay_websocket(request, worker, started)
+        else:
+            work = self._relay_http(request, body, worker, started, capture)
+        task = asyncio.ensure_future(work)
+        lost = asyncio.ensure_future(worker.gone.wait())
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not task.done():
+                task.cancel()
+        if task.cancelled() or not task.done():
+            if started:  # a stream or socket in progress simply ends
+                return started[0]
+            raise HTTPError(410, f"the session's worker (process {worker.pid}) was lost; start a new session")
+        return task.result()
+
+    async def _relay_http(self, request: web.Request, body: bytes, worker: Worker,
+                          started: list, capture: bool = False) -> web.StreamResponse:
         assert self.http is not None
         streaming = bool(STREAMING.match(request.path)) and not capture
         timeout = aiohttp.ClientTimeout(total=None if streaming else self.args.request_timeout + 20, sock_connect=2.0)
@@ -207,7 +228,8 @@ class Front:
                                                headers=self._headers(request), timeout=timeout,
                                                allow_redirects=False)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            self.pool.lose(worker, f"unreachable: {type(e).__name__}") if isinstance(e, aiohttp.ClientConnectorError) else None
+            if isinstance(e, aiohttp.ClientConnectorError):  # refused: its process is gone
+                self.pool.lose(worker, f"unreachable: {type(e).__name__}")
             raise HTTPError(410 if worker.lost else 504, f"the session's worker did not answer ({type(e).__name__})") from e
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
@@ -216,16 +238,19 @@ class Front:
                 return web.Response(status=upstream.status, headers=headers, body=data)
             response = web.StreamResponse(status=upstream.status, headers=headers)
             await response.prepare(request)
+            started.append(response)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
             await response.write_eof()
             return response
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-            raise HTTPError(502 if not streaming else 410, f"the session's worker broke off ({type(e).__name__})") from e
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            if started:  # the worker went mid-stream: the stream ends there
+                return started[0]
+            raise HTTPError(410 if worker.lost else 502, f"the session's worker broke off ({type(e).__name__})") from e
         finally:
             upstream.release()
 
-    async def _relay_websocket(self, request: web.Request, worker: Worker) -> web.StreamResponse:
+    async def _relay_websocket(self, request: web.Request, worker: Worker, started: list) -> web.StreamResponse:
         assert self.http is not None
         headers = {k: v for k, v in self._headers(request).items() if not k.lower().startswith("sec-websocket")}
         try:
@@ -237,6 +262,7 @@ class Front:
             raise HTTPError(410 if worker.lost else 504, f"the session's worker did not answer ({type(e).__name__})") from e
         ws = web.WebSocketResponse(max_msg_size=8 << 20)
         await ws.prepare(request)
+        started.append(ws)
 
         async def pump(source, sink) -> None:
             async for msg in source:

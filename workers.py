@@ -178,6 +178,7 @@ class Worker:
     lost: bool = False
     sessions: set[str] = field(default_factory=set)
     placed_at: dict[str, float] = field(default_factory=dict)  # sessions placed since the last poll
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when the worker is lost
 
     @property
     def load(self) -> int:
@@ -342,6 +343,7 @@ class WorkerPool:
         if worker.lost:
             return
         worker.lost = True
+        worker.gone.set()  # requests in flight to it answer 410 now
         log.error("worker %d (pid %d) lost (%s): %d sessions gone", worker.index, worker.pid, reason, len(worker.sessions))
         gone, worker.sessions = set(worker.sessions), set()
         if worker in self.workers:

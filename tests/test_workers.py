@@ -135,3 +135,75 @@ def test_full_workers_answer_503_at_once(server):
     took, msg = asyncio.run(run())
     assert "workers are full" in msg, msg
     assert took < 1.0 + 0.5, f"the refusal took {took:.2f} s"
+
+
+def test_a_hung_worker_is_noticed_and_its_session_answers_410(server):
+    """A worker that stops answering (SIGSTOP) is lost like a dead one."""
+    async def run():
+        assert await no_sessions(server.url, 60)
+        async with AvatarClient(server.url) as a:
+            await asyncio.wait_for(a.first_video.wait(), 30)
+            w = worker_of(await status(a), a.sessionid)
+            t0 = time.monotonic()
+            os.kill(w["pid"], signal.SIGSTOP)
+            try:
+                async def gone():
+                    return (await post(a, "/interrupt_talk", {"sessionid": a.sessionid}))[0] == 410
+                assert await wait_until(gone, 10), "the hung worker's session never answered 410"
+                return time.monotonic() - t0
+            finally:
+                try:
+                    os.kill(w["pid"], signal.SIGCONT)  # killed by the front by now; harmless if so
+                except ProcessLookupError:
+                    pass
+
+    noticed = asyncio.run(run())
+    print(f"hung worker noticed after {noticed:.2f} s")
+    assert noticed < 6.0  # poll period 0.5 s + 1 s timeout, plus a request's own wait; loose
+
+
+@pytest.fixture
+def cluster():
+    """A Ray head (no CPUs for workers) and two nodes with one avatar slot each."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [c.add_node(num_cpus=1, resources={"avatar_slot": 1}) for _ in range(2)]
+    yield c, nodes
+    c.shutdown()
+
+
+def test_sessions_spread_over_cluster_nodes_and_survive_a_node_removal(cluster, tmp_path):
+    c, nodes = cluster
+    srv = ServerProcess(tmp_path, "--ray_address", c.address, "--workers", "2", "--worker_cpus", "0.5",
+                        "--worker_resources", "avatar_slot=1", "--sessions_per_worker", "2", timeout=180)
+
+    async def run():
+        async with AvatarClient(srv.url) as a, AvatarClient(srv.url) as b:
+            await asyncio.wait_for(asyncio.gather(a.first_video.wait(), b.first_video.wait()), 30)
+            st = await status(a)
+            wa, wb = worker_of(st, a.sessionid), worker_of(st, b.sessionid)
+            assert {wa["node_id"], wb["node_id"]} == {n.node_id for n in nodes}, "sessions did not spread over the nodes"
+            node_b = next(n for n in nodes if n.node_id == wb["node_id"])
+            c.remove_node(node_b)
+
+            async def gone():
+                return (await post(b, "/is_speaking", {"sessionid": b.sessionid}))[0] == 410
+            assert await wait_until(gone, 15), "the removed node's session never answered 410"
+            assert (await post(a, "/is_speaking", {"sessionid": a.sessionid}))[0] == 200
+            # a new session goes to the remaining node (the replacement cannot be placed)
+            async with AvatarClient(srv.url) as d:
+                await asyncio.wait_for(d.first_video.wait(), 30)
+                assert worker_of(await status(d), d.sessionid)["node_id"] == wa["node_id"]
+                # every node full now: refused at once
+                t0 = time.monotonic()
+                with pytest.raises(RuntimeError, match="full"):
+                    async with AvatarClient(srv.url):
+                        pass
+                return time.monotonic() - t0
+
+    try:
+        took = asyncio.run(run())
+    finally:
+        srv.stop()
+    assert took < 1.5, f"a full cluster took {took:.2f} s to refuse"
