@@ -9,6 +9,9 @@ UNet (``musetalk.json``):
   stage (``UpBlock2D``) are removed, so 3 of SD's 4 resolution levels remain;
 - each remaining down stage keeps one residual+attention pair (of 2), each up stage
   two (of 3): ``layers_per_block`` 1;
+- optionally (``width`` < 1, beyond BK-SDM) every channel count is scaled down:
+  the recipe alone removes mostly cheap low-resolution blocks (measured in
+  ``docs/benchmarks.md``);
 - everything MuseTalk's interface depends on is kept: 8 input channels (masked +
   reference latents), 4 output channels, ``cross_attention_dim`` (384: Whisper-tiny
   tokens), head size, norm groups, time embedding.
@@ -32,6 +35,7 @@ widths ("full") or test widths ("tiny").
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import torch
@@ -42,6 +46,7 @@ __all__ = [
     "init_from_teacher",
     "teacher_key",
     "feature_pairs",
+    "feature_channels",
     "tiny_vae_config",
     "TINY_VAE_CONFIG",
 ]
@@ -67,7 +72,15 @@ TINY_VAE_CONFIG = {
 }
 
 
-def student_unet_config(teacher_config: dict) -> dict:
+def _channel_step(config: dict) -> int:
+    """Channel counts must divide into the norm groups and the attention heads
+    (SD-1.x configs give the head COUNT as ``attention_head_dim``)."""
+    heads = config.get("attention_head_dim", 8)
+    heads = max(heads) if isinstance(heads, (list, tuple)) else heads
+    return math.lcm(int(config.get("norm_num_groups", 32)), int(heads))
+
+
+def student_unet_config(teacher_config: dict, width: float = 1.0) -> dict:
     """BK-SDM-Tiny's reduction of a MuseTalk UNet config (see the module docstring).
 
     Args:
@@ -75,13 +88,21 @@ def student_unet_config(teacher_config: dict) -> dict:
             whose last down stage is a ``DownBlock2D`` and first up stage an
             ``UpBlock2D`` (SD-1.x layout; also the tiny test configs of
             ``musetalk.checkpoints``).
+        width: channel multiplier on top of the recipe (1.0: BK-SDM-Tiny exactly).
+            BK-SDM-Tiny removes the cheap low-resolution blocks, so at MuseTalk's
+            32x32 latents it costs 54 of the teacher's 89 GMACs per frame; 0.6 gives
+            channels (192, 384, 768) and 20 GMACs. Channels are rounded to a
+            multiple of the norm groups and head count.
     Returns:
         a new config dict: same keys plus ``mid_block_type: None``; one resolution
         level fewer; ``layers_per_block`` 1; in/out channels, ``cross_attention_dim``,
         ``attention_head_dim``, norms and time embedding as the teacher's.
     Raises:
-        ValueError: the teacher does not have that layout (nothing to drop).
+        ValueError: the teacher does not have that layout (nothing to drop), or
+            ``width`` is not in (0, 1].
     """
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width}")
     down, up = list(teacher_config["down_block_types"]), list(teacher_config["up_block_types"])
     widths = list(teacher_config["block_out_channels"])
     if len(down) < 2 or down[-1] != "DownBlock2D" or up[0] != "UpBlock2D" or len(up) != len(down):
@@ -90,8 +111,9 @@ def student_unet_config(teacher_config: dict) -> dict:
             f"(down ... DownBlock2D, up UpBlock2D ...), got down {down}, up {up}"
         )
     config = copy.deepcopy(dict(teacher_config))
+    step = _channel_step(teacher_config)
     config.update(
-        block_out_channels=widths[:-1],
+        block_out_channels=[max(step, round(c * width / step) * step) for c in widths[:-1]],
         down_block_types=down[:-1],
         up_block_types=up[1:],
         layers_per_block=1,
@@ -137,18 +159,27 @@ def init_from_teacher(student: nn.Module, teacher_state: dict, teacher_config: d
         teacher_state: the teacher's state dict (``unet.pth``; any dtype/device).
         teacher_config: the teacher's config.
     Returns:
-        ``{"copied": n, "total": n, "kept_random": [keys]}``: tensors copied (name
-        mapped and shape equal) and those left at their random initialisation.
+        ``{"copied": n, "sliced": n, "total": n, "kept_random": [keys]}``: tensors
+        copied whole (name mapped, shape equal); for a narrower student
+        (``width`` < 1), tensors started from the teacher's leading channels in
+        every dimension (an approximate start: for the concatenated skip inputs
+        of up blocks the leading slice does not line up with the skip channels);
+        and those left at their random initialisation.
     """
-    kept = []
+    kept, sliced = [], 0
     own = student.state_dict()
     for key, tensor in own.items():
         source = teacher_state.get(teacher_key(key, teacher_config))
         if source is not None and source.shape == tensor.shape:
             tensor.copy_(source.to(tensor.dtype))
+        elif source is not None and source.ndim == tensor.ndim and all(
+            s >= t for s, t in zip(source.shape, tensor.shape)
+        ):
+            tensor.copy_(source[tuple(slice(0, n) for n in tensor.shape)].to(tensor.dtype))
+            sliced += 1
         else:
             kept.append(key)
-    return {"copied": len(own) - len(kept), "total": len(own), "kept_random": kept}
+    return {"copied": len(own) - len(kept) - sliced, "sliced": sliced, "total": len(own), "kept_random": kept}
 
 
 def feature_pairs(teacher_config: dict) -> list[tuple[str, str]]:
@@ -164,6 +195,13 @@ def feature_pairs(teacher_config: dict) -> list[tuple[str, str]]:
     pairs.append((f"down_blocks.{n - 1}.attentions.0.proj_out", f"down_blocks.{n - 1}.attentions.{last}.proj_out"))
     pairs += [(f"up_blocks.{k}", f"up_blocks.{k + 1}") for k in range(n)]
     return pairs
+
+
+def feature_channels(config: dict, name: str) -> int:
+    """Channels of the output of a :func:`feature_pairs` module of a UNet of ``config``."""
+    widths = list(config["block_out_channels"])
+    stage = int(name.split(".")[1])
+    return widths[stage] if name.startswith("down_blocks.") else widths[::-1][stage]
 
 
 def tiny_vae_config(size: str = "full") -> dict:
