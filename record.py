@@ -126,6 +126,18 @@ class Recording:
         return msg
 
     def _run(self) -> None:
+        error: str | None = "recording failed (logged on the server)"
+        try:
+            error = self._record()
+        except Exception:  # a bug of ours: logged, and end_record is never left waiting
+            log.exception("recording of %s failed", self.session.id[:8])
+            self.ok = False
+        finally:
+            self.done.set_result(error)
+
+    def _record(self) -> str | None:
+        """Record until the end slot, a stop, a bound or an error; returns the error
+        message (also published as an ``error`` event), None when all went well."""
         error: str | None = None
         sink = muxer = None
         try:
@@ -164,8 +176,11 @@ class Recording:
                     error = error or self._error(f"recording failed: {e}")
                     self.ok = False
             if not self.ok:
-                self.path.unlink(missing_ok=True)
-            self.done.set_result(error)
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:  # e.g. the folder is not one
+                    pass
+        return error
 
     @staticmethod
     def _finish_within_bound(muxer: MP4Muxer | None) -> bool:

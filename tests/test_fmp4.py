@@ -130,3 +130,76 @@ def test_stream_ends_when_the_session_closes(keyed):
     assert r.chunks[-1][0] - r.t_request < 10.0, "the stream outlived its session"
     rec, _ = received_from_mp4(bytes(r.data))
     assert len(rec.video_t) >= 20
+
+
+# -- the parts, without a server ---------------------------------------------------------
+def _playout(units: int, history: int = 25):
+    from playout import MediaUnit, PlayoutBuffer
+
+    def idle(i):
+        return np.full((48, 32), 16, np.uint8)
+
+    pb = PlayoutBuffer(idle, 4, idle_format="yuv420p", capacity=units, prebuffer=1, history=history)
+    for k in range(units):
+        pb.put(MediaUnit(video=np.full((48, 32), k, np.uint8), audio=np.full(640, k, np.int16), loop_index=0,
+                         video_format="yuv420p"))
+    return pb
+
+
+def test_follower_gets_the_units_the_tracks_got():
+    """A follower in another thread yields, slot by slot, the very unit the tracks got
+    for that slot (same object: same pts, same A/V pairing), takes nothing from the
+    tracks, and skips (counting) what fell out of the history while it lagged."""
+    import threading
+
+    from muxer import SlotFollower
+
+    pb = _playout(40, history=40)  # room for a follower that lags the whole run
+    stop = threading.Event()
+    follower = SlotFollower(pb, stop, end_slot=lambda: 40)
+    got = []
+    thread = threading.Thread(target=lambda: got.extend(follower))
+    thread.start()
+    sent = [pb.unit_for_slot(s) for s in range(40)]  # the tracks, as fast as they like
+    thread.join(5)
+    assert [s for s, _, _ in got] == list(range(40)) and follower.skipped == 0
+    assert all(u is sent[s] for s, u, _ in got)
+    assert all(u.audio[0] == s and audible for s, u, audible in got), "the tracks' own queue order"
+
+    pb = _playout(40, history=25)
+    for s in range(40):
+        pb.unit_for_slot(s)
+    late = SlotFollower(pb, stop, start=0, end_slot=lambda: 40)  # 40 slots behind a 25-slot history
+    slots = [s for s, _, _ in late]
+    assert slots == list(range(15, 40)) and late.skipped == 15
+
+
+def test_slow_reader_is_dropped_and_never_waited_for():
+    """The mux thread's writes never wait for the HTTP side: a reader more than
+    max_bytes behind is dropped (later writes fail at once), and its read ends."""
+    import threading
+    import time
+
+    from muxer import ByteChannel, ChannelClosed
+
+    async def run():
+        channel = ByteChannel(asyncio.get_running_loop(), max_bytes=10_000)
+        outcome = {}
+
+        def writer():
+            t0 = time.monotonic()
+            try:
+                for _ in range(100):
+                    channel.write(b"x" * 1000)
+            except ChannelClosed as e:
+                outcome["error"] = str(e)
+            outcome["took"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        thread.join(5)
+        return outcome, channel.overflowed, await channel.read()
+
+    outcome, overflowed, data = asyncio.run(run())
+    assert overflowed and "dropped" in outcome["error"] and outcome["took"] < 1.0
+    assert data == b"", "a dropped reader gets the end of its stream"

@@ -166,4 +166,70 @@ def test_write_error_ends_the_recording_not_the_session(keyed, recdir):
     assert status == 200, answer  # the error comes as an event, from the recording's thread
     assert frames >= 40, f"the session stalled: {frames} frames in 2 s"
     assert loud >= 10, "the session did not speak after the failed recording"
-    assert ended[0] == 409 and got[0] == 404
+    assert ended[0] == 409 and "not recording" in ended[1]["msg"], ended
+    assert got[0] == 404
+
+
+# -- the recording thread, without a server ------------------------------------------------
+class FakeSession:
+    """What record.Recording uses of a session: id, bus, worker.playout, worker.clock."""
+
+    def __init__(self, playout, now_slot: int) -> None:
+        from types import SimpleNamespace
+
+        self.id = "f" * 32
+        self.events: list[dict] = []
+        self.bus = SimpleNamespace(publish=self.events.append)
+        clock = SimpleNamespace(started=True, current_slot=lambda: now_slot)  # the slot being sent
+        self.worker = SimpleNamespace(playout=playout, clock=clock)
+
+
+def record_units(tmp_path, slots: int, max_bytes: int, monkeypatch=None, fail_after: int | None = None):
+    """Run a Recording over ``slots`` slots of noisy frames (the tracks' side driven here)."""
+    import errno
+
+    import record
+    from playout import MediaUnit, PlayoutBuffer
+
+    if fail_after is not None:
+        write = record._BoundedFile.write
+
+        def failing(self, data):
+            if self.written + len(data) > fail_after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return write(self, data)
+
+        monkeypatch.setattr(record._BoundedFile, "write", failing)
+    rng = np.random.default_rng(1)
+    pb = PlayoutBuffer(lambda i: np.full((96, 64), 16, np.uint8), 4, idle_format="yuv420p", capacity=slots,
+                       history=slots)
+    for _ in range(slots):
+        pb.put(MediaUnit(video=rng.integers(0, 255, (96, 64), np.uint8), audio=np.zeros(640, np.int16),
+                         loop_index=0, video_format="yuv420p"))
+    session = FakeSession(pb, now_slot=slots - 1)
+    rec = record.Recording(session, tmp_path / "r.mp4", max_seconds=60, max_bytes=max_bytes)
+    rec.start()
+    for s in range(slots):
+        pb.unit_for_slot(s)
+    rec.end()  # at the last slot
+    return rec, rec.done.result(10), session.events
+
+
+def test_full_disk_ends_the_recording_with_an_error_event(tmp_path, monkeypatch):
+    """A write that fails mid-recording (ENOSPC) ends it with an error event naming the
+    error; the partial file is removed."""
+    rec, error, events = record_units(tmp_path, 100, 10**9, monkeypatch, fail_after=20_000)
+    assert not rec.ok and "No space left" in error
+    assert [e["type"] for e in events] == ["error"] and "recording failed" in events[0]["msg"]
+    assert not (tmp_path / "r.mp4").exists()
+
+
+def test_size_bound_keeps_a_playable_file(tmp_path):
+    """Reaching --record_max_mb ends the recording with an error event; the file so
+    far stays and decodes."""
+    rec, error, events = record_units(tmp_path, 100, 60_000)
+    assert rec.ok and "record_max_mb" in error and "record_max_mb" in events[0]["msg"]
+    size = (tmp_path / "r.mp4").stat().st_size
+    assert size <= 60_000
+    decoded, _ = received_from_mp4((tmp_path / "r.mp4").read_bytes())
+    assert 0 < len(decoded.video_t) < 100
