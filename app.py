@@ -10,6 +10,8 @@ or ``{"code": -1, "msg": "<error>"}`` with an HTTP 4xx status):
 - ``POST /is_speaking`` ``{sessionid}`` -> ``{code: 0, data: bool}``
 - ``GET /ws?sessionid=`` live audio in, events out (``ingest.py``)
 - ``GET /events?sessionid=`` playback events as SSE; ``GET /sse`` LiveTalking's shape (``events.py``)
+- ``GET /stream/<sessionid>.mp4`` live fragmented MP4 (``fmp4.py``); ``POST /record``,
+  ``GET /record/<sessionid>`` recordings (``record.py``)
 - ``GET /metrics`` Prometheus text; ``GET /status`` JSON; ``GET /`` the web page.
 
 Run ``python app.py --help`` for options.
@@ -27,7 +29,9 @@ import sys
 from aiohttp import web
 
 import events
+import fmp4
 import janus
+import record
 import whep
 import whip
 from api import error_middleware
@@ -56,6 +60,8 @@ def build_app(args) -> web.Application:
     whep.setup(app, server)  # WHEP viewers: POST /whep[/<sessionid>]
     whip.setup(app, server)  # WHIP ingest (POST /whip/<sessionid>) and push (POST /push)
     janus.setup(app, server)  # Janus VideoRoom fan-out: POST /janus
+    fmp4.setup(app, server)  # live fragmented MP4: GET /stream/<sessionid>.mp4
+    record.setup(app, server)  # recordings: POST /record, GET /record/<sessionid>
     app.router.add_get("/status", server.status)
     app.router.add_get("/config", server.config)
     app.router.add_get("/avatars", server.avatars)

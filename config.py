@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="video codec to send when the client offers both (auto: the cheaper to encode, VP8, "
                    "per bench/codec.py); a client that offers only one gets that one")
     p.add_argument("--janus_url", help="Janus' HTTP API (e.g. http://127.0.0.1:8088/janus) for POST /janus")
+    p.add_argument("--stream_max_readers", type=int, default=4,
+                   help="GET /stream/<id>.mp4 readers per session (one H.264 encode each; 429 beyond)")
+    p.add_argument("--record_dir", type=Path, default=Path("data/recordings"),
+                   help="where POST /record writes its MP4 files (removed when their session closes)")
+    p.add_argument("--record_max_seconds", type=float, default=600.0, help="longest recording (s)")
+    p.add_argument("--record_max_mb", type=float, default=200.0, help="biggest recording file (MB)")
     p.add_argument("--log_level", default="INFO")
     chat.add_arguments(p)
     tts.add_arguments(p)
