@@ -6,7 +6,8 @@ the session's playout (the units the WebRTC tracks send, on the session clock) i
 a keyframe) into a bounded :class:`muxer.ByteChannel`, which the handler writes out
 as a chunked response. The stream starts at the session's next slot: the init
 segment (``ftyp`` + ``moov``) leaves within one slot, the first decodable fragment
-about 120 ms later. A ``<video>`` element, ``ffplay`` and VLC play it.
+about 120 ms later. Chromium's ``<video>`` plays it (tests/test_fmp4.py); it is the
+standard fragmented MP4 that ``ffplay`` and VLC read (not tested here: not installed).
 
 Policy for a slow client: the mux thread never waits for the client; when a reader
 is more than ``STREAM_BUFFER_BYTES`` behind, it is *dropped* (the response ends; a

@@ -203,3 +203,40 @@ def test_slow_reader_is_dropped_and_never_waited_for():
     outcome, overflowed, data = asyncio.run(run())
     assert overflowed and "dropped" in outcome["error"] and outcome["took"] < 1.0
     assert data == b"", "a dropped reader gets the end of its stream"
+
+
+PLAY_JS = """async ({src, ms}) => {
+  const v = document.createElement('video');
+  v.muted = true; v.autoplay = true; v.src = src;
+  document.body.appendChild(v);
+  const end = performance.now() + ms;
+  while (performance.now() < end && v.currentTime < 2.0 && !v.error) await new Promise(r => setTimeout(r, 100));
+  return {time: v.currentTime, width: v.videoWidth, ready: v.readyState, error: v.error && v.error.message,
+          audio: v.webkitAudioDecodedByteCount || 0, frames: v.getVideoPlaybackQuality().totalVideoFrames};
+}"""
+
+
+@pytest.mark.browser
+def test_video_element_plays_the_stream(keyed):
+    """Chromium's <video> plays GET /stream/<id>.mp4 as it comes: video advances past
+    2 s of media at the avatar's size, and it decodes the AAC audio."""
+    from test_browser import CHROMIUM, CHROMIUM_FLAGS, _require_browser
+
+    _require_browser()
+    from playwright.async_api import async_playwright
+
+    async def run():
+        async with AvatarClient(keyed.url, api_key=KEY) as c, async_playwright() as p:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(keyed.url + "/")
+                got = await page.evaluate(PLAY_JS, {"src": f"/stream/{c.sessionid}.mp4?token={c.token}", "ms": 10000})
+            finally:
+                await browser.close()
+            return got, c.received.first_frame_bgr.shape[1]
+
+    got, width = asyncio.run(run())
+    assert got["error"] is None and got["time"] >= 2.0, got
+    assert got["width"] == width and got["audio"] > 0 and got["frames"] >= 40, got
