@@ -355,8 +355,9 @@ class AvatarServer:
         # aiortc encodes every audio and video frame on the loop's default executor;
         # CPython sizes it by CPU count (6 threads on 2 cores), so a few sessions'
         # encoders queue behind each other and frames go out late. Give each track
-        # of each session a thread, plus some for uploads and teardown.
-        workers = 2 * self.args.max_session + 4
+        # of each session and of each WHEP viewer a thread (threads start only when
+        # needed), plus some for uploads and teardown.
+        workers = 2 * self.args.max_session * (1 + getattr(self.args, "max_viewers", 0)) + 4
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="media"))
         self._background(self.tts())  # load the voice now, not on the first /offer
 

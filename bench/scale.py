@@ -185,6 +185,14 @@ async def run_count(url: str, pid: int, n: int, seconds: float, long_speech: byt
             "first_speech_ms": [round(x, 1) for x in latencies]}
 
 
+async def first_frame_after(url: str) -> float:
+    """Seconds from an offer to the first decoded video frame (a full client)."""
+    t0 = time.monotonic()
+    async with AvatarClient(url, keep_media=False) as c:
+        await asyncio.wait_for(c.first_video.wait(), 60)
+        return time.monotonic() - t0
+
+
 def run_mode(mode: str, counts: list[int], seconds: float, long_speech: bytes, clip: bytes, workers: int) -> dict:
     top = max(counts)
     extra = (["--workers", str(workers), "--sessions_per_worker", str(-(-top // workers))] if mode == "workers"
@@ -196,6 +204,7 @@ def run_mode(mode: str, counts: list[int], seconds: float, long_speech: bytes, c
                             str(top), *extra, timeout=240)
         startup = time.monotonic() - t0
         try:
+            first_frame = asyncio.run(first_frame_after(srv.url)) + startup
             time.sleep(3.0)
             idle0, ti = tree_cpu(srv.proc.pid), time.monotonic()
             time.sleep(5.0)
@@ -212,7 +221,7 @@ def run_mode(mode: str, counts: list[int], seconds: float, long_speech: bytes, c
         finally:
             srv.stop()
     held = [r["sessions"] for r in results if r["holds"]]
-    return {"startup_s": round(startup, 1), "idle_cores": round(idle_cores, 3), "idle_rss_mb": round(rss_mb),
+    return {"startup_s": round(startup, 1), "start_to_first_frame_s": round(first_frame, 1), "idle_cores": round(idle_cores, 3), "idle_rss_mb": round(rss_mb),
             "max_sessions_holding": max(held) if held else 0, "counts": results}
 
 
