@@ -95,24 +95,26 @@ class SlotFollower:
             slot += 1
 
 
-class MP4Muxer:
-    """Encodes media units into a fragmented MP4 written to ``sink``.
+class Muxer:
+    """Encodes media units (H.264 + AAC) into a container written to ``sink``.
 
     Not thread-safe: one thread calls :meth:`add` and :meth:`close`. The container is
-    opened at the first unit (its frame size fixes the video stream's).
+    opened at the first unit (its frame size fixes the video stream's). Subclasses
+    give the container format and its options.
 
     Args:
-        sink: a binary file-like object with ``write(bytes)`` (PyAV writes through it);
-            an exception raised by ``write`` ends the muxing (it surfaces from :meth:`add`).
-        fragment_us: target fragment duration (us).
+        sink: a binary file-like object with ``write(bytes)`` (PyAV writes through it;
+            an exception raised by ``write`` ends the muxing, surfacing from :meth:`add`),
+            or a URL FFmpeg opens itself (``rtmp://``).
         crf: libx264 constant rate factor (string).
 
     Raises (from add/close): ``av.FFmpegError`` or ``OSError`` on encoder or write errors.
     """
 
-    def __init__(self, sink: IO[bytes], fragment_us: int = FRAGMENT_US, crf: str = X264_CRF) -> None:
+    format = ""
+
+    def __init__(self, sink: "IO[bytes] | str", crf: str = X264_CRF) -> None:
         self.sink = sink
-        self.fragment_us = fragment_us
         self.crf = crf
         self.container: av.container.OutputContainer | None = None
         self.first_slot: int | None = None
@@ -121,9 +123,11 @@ class MP4Muxer:
         self._audio = None
         self._size: tuple[int, int] | None = None
 
+    def container_options(self) -> dict[str, str]:
+        return {}
+
     def _open(self, width: int, height: int) -> None:
-        self.container = av.open(self.sink, mode="w", format="mp4", container_options={
-            "movflags": FMP4_FLAGS, "frag_duration": str(self.fragment_us), "flush_packets": "1"})
+        self.container = av.open(self.sink, mode="w", format=self.format, container_options=self.container_options())
         v = self.container.add_stream("libx264", rate=VIDEO_FPS)
         v.width, v.height, v.pix_fmt = width, height, "yuv420p"
         v.time_base = Fraction(1, VIDEO_FPS)
@@ -174,6 +178,44 @@ class MP4Muxer:
             container.mux(self._audio.encode(None))
         finally:
             container.close()
+
+
+class MP4Muxer(Muxer):
+    """Fragmented MP4 (``frag_keyframe+empty_moov+default_base_moof``): fragments of
+    ``fragment_us`` flushed to the sink as soon as they close.
+
+    Args:
+        sink, crf: as :class:`Muxer`.
+        fragment_us: target fragment duration (us; movenc's ``frag_duration``).
+    """
+
+    format = "mp4"
+
+    def __init__(self, sink: "IO[bytes] | str", fragment_us: int = FRAGMENT_US, crf: str = X264_CRF) -> None:
+        super().__init__(sink, crf)
+        self.fragment_us = fragment_us
+
+    def container_options(self) -> dict[str, str]:
+        return {"movflags": FMP4_FLAGS, "frag_duration": str(self.fragment_us), "flush_packets": "1"}
+
+
+class FLVMuxer(Muxer):
+    """FLV (H.264 + AAC), e.g. to an ``rtmp://`` URL: FFmpeg's RTMP client publishes it.
+
+    Args:
+        sink, crf: as :class:`Muxer`.
+        timeout_s: a connect, read or write of the URL that takes longer fails
+            (FFmpeg's ``rw_timeout``), so an unreachable server is an error, not a hang.
+    """
+
+    format = "flv"
+
+    def __init__(self, sink: "IO[bytes] | str", timeout_s: float = 5.0, crf: str = X264_CRF) -> None:
+        super().__init__(sink, crf)
+        self.timeout_s = timeout_s
+
+    def container_options(self) -> dict[str, str]:
+        return {"flvflags": "no_duration_filesize", "rw_timeout": str(int(self.timeout_s * 1e6))}
 
 
 class ChannelClosed(BrokenPipeError):
