@@ -17,6 +17,7 @@
 #   fp16        bench/musetalk_fp16_check.py: fp16 against fp32, released sizes
 #   sessions    bench/musetalk_sessions.py: sessions per GPU, released sizes
 #   sessions-compiled   the same with --musetalk_compile reduce-overhead (CUDA graphs)
+#   distill     bench/distill_speed.py: teacher vs distilled student UNets, SD vs tiny decoder (fp16, batch 4,16)
 # SMOKE=1 runs every step with tiny weights on the CPU (checks this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +60,7 @@ run() {
     export PYTHONUNBUFFERED=1
     $PY -c "import torch, diffusers, whisper, cv2; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'cv2', cv2.__version__)" || exit 1
     local status=0 steps=("$@")
-    [ ${#steps[@]} -eq 0 ] && steps=(throughput fp16 sessions)
+    [ ${#steps[@]} -eq 0 ] && steps=(throughput fp16 sessions distill)
     for step in "${steps[@]}"; do
         echo "== $step"
         case $step in
@@ -85,6 +86,8 @@ run() {
             fi
             $PY bench/musetalk_sessions.py --random $random --sessions "$counts" --seconds "$seconds" "${speech[@]}" \
                 --musetalk_compile $compile --out "$OUT/$step.json" || status=1 ;;
+        distill)
+            $PY bench/distill_speed.py $tiny "${device[@]}" --out "$OUT/distill-speed.json" || status=1 ;;
         *) echo "unknown step $step"; status=1 ;;
         esac
     done
