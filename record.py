@@ -298,13 +298,22 @@ class Recorder:
         and remove its files."""
         async for _ in session.bus.subscribe():
             pass
-        records = self.sessions.pop(session.id, None)
+        await self._drop(session.id)
+
+    async def _drop(self, sid: str) -> None:
+        """Stop a session's recording and remove its files; forgets the session last, so
+        that a drop cut short (shutdown) is finished by :meth:`on_cleanup`."""
+        records = self.sessions.get(sid)
         if records is None:
             return
         if records.active is not None:
             records.active.abort()
-            await asyncio.wrap_future(records.active.done)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(records.active.done), END_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("recording of %s did not stop within %g s", sid[:8], END_TIMEOUT_S)
         await asyncio.get_running_loop().run_in_executor(None, self._remove, list(records.files))
+        self.sessions.pop(sid, None)
 
     @staticmethod
     def _remove(paths: list[Path]) -> None:
@@ -320,16 +329,11 @@ class Recorder:
         task.add_done_callback(self._tasks.discard)
 
     async def on_cleanup(self, app: web.Application) -> None:
-        """At shutdown: stop every recording and remove every file."""
-        for task in list(self._tasks):
-            task.cancel()
-        paths: list[Path] = []
-        for records in self.sessions.values():
-            if records.active is not None:
-                records.active.abort()
-            paths.extend(records.files)
-        self.sessions.clear()
-        await asyncio.get_running_loop().run_in_executor(None, self._remove, paths)
+        """At shutdown (after the sessions closed): stop every recording, remove every file."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=END_TIMEOUT_S)
+        for sid in list(self.sessions):
+            await self._drop(sid)
 
 
 def setup(app: web.Application, server) -> Recorder:

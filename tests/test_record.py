@@ -233,3 +233,28 @@ def test_size_bound_keeps_a_playable_file(tmp_path):
     assert size <= 60_000
     decoded, _ = received_from_mp4((tmp_path / "r.mp4").read_bytes())
     assert 0 < len(decoded.video_t) < 100
+
+
+def test_shutdown_removes_recordings(tmp_path):
+    """A server stopped (SIGTERM) while one session records and another holds a finished
+    recording leaves no file behind."""
+    recdir = tmp_path / "rec"
+    srv = ServerProcess(tmp_path, "--api_key", KEY, "--record_dir", str(recdir))
+
+    async def run():
+        a, b = await connected(srv), await connected(srv)
+        assert (await record(a, "start_record"))[0] == 200
+        assert (await record(b, "start_record"))[0] == 200
+        await asyncio.sleep(0.5)
+        assert (await record(b, "end_record"))[0] == 200
+        files = sorted(p.name for p in recdir.iterdir())
+        await a.close()
+        await b.close()  # the server notices only after --peer_timeout: it is stopped before
+        return files
+
+    try:
+        files = asyncio.run(run())
+    finally:
+        srv.stop()
+    assert len(files) == 2, files
+    assert not list(recdir.iterdir()), "recordings left on disk after shutdown"
