@@ -546,6 +546,9 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
     :data:`LOSS_COLUMNS`, means over the accumulated micro-batches), checkpoints
     every ``save_every`` steps and at the end, and exports ``<out>/unet`` and
     ``<out>/vae``. Returns ``{"start_step", "steps", "last": last row}``.
+
+    Raises:
+        ValueError: the newest checkpoint does not fit these students or optimizers.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -561,13 +564,17 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
     ckpt = latest_checkpoint(out) if opts.resume else None
     if ckpt is not None:
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
-        if student is not None:
-            _load_weights(student, ckpt / UNET_DIR)
-        if tiny is not None:
-            _load_weights(tiny, ckpt / VAE_DIR)
-        distiller.projections.load_state_dict(state.get("projections", {}))
-        for key, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][key])
+        try:
+            if student is not None:
+                _load_weights(student, ckpt / UNET_DIR)
+            if tiny is not None:
+                _load_weights(tiny, ckpt / VAE_DIR)
+            distiller.projections.load_state_dict(state.get("projections", {}))
+            for key, opt in optimizers.items():
+                opt.load_state_dict(state["optimizers"][key])
+        except (RuntimeError, KeyError, ValueError, OSError) as e:
+            raise ValueError(f"checkpoint {ckpt} does not match these options (--train, --student_width, "
+                             f"--tiny_size?): {str(e)[:300]}; use another --out or --no_resume") from e
         start = int(state["step"])
         log.info("resumed from %s (step %d)", ckpt, start)
     log_path = out / "losses.csv"
@@ -722,7 +729,11 @@ def main(argv: list[str] | None = None) -> int:
                         precision=precision)
     log.info("distilling on %s (%s): %d clips, %d frames; %d steps of %d x %d samples", device, precision,
              len(data.clips), data.frames, args.steps, args.batch_size, args.grad_accum)
-    result = train(distiller, data, args.out, opts)
+    try:
+        result = train(distiller, data, args.out, opts)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
     summary = {"teacher": str(paths.unet_weights), "version": paths.version, "precision": precision,
                "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                **report, **result}

@@ -277,3 +277,18 @@ def test_full_size_student_keeps_musetalk_shapes_on_the_meta_device(width):
     for key, tensor in student.state_dict().items():
         source = t_state[teacher_key(key, teacher_config)].shape
         assert source == tensor.shape if width == 1.0 else all(a >= b for a, b in zip(source, tensor.shape)), key
+
+
+def test_speed_benchmark_reports_every_model(tmp_path):
+    """bench/distill_speed.py end to end on tiny configs (the figures are in docs/benchmarks.md)."""
+    from bench.distill_speed import main as bench
+
+    result = bench(["--tiny", "--iters", "1", "--warmup", "0", "--out", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text())["speedup"] == result["speedup"]
+    models = result["models"]
+    assert set(models) == {"teacher_unet", "student_unet", "student_unet_narrow", "sd_decoder", "tiny_decoder"}
+    assert models["student_unet"]["params_m"] < models["teacher_unet"]["params_m"]
+    for slow, fast in (("teacher_unet", "student_unet"), ("student_unet", "student_unet_narrow"),
+                       ("sd_decoder", "tiny_decoder")):
+        assert 0 < models[fast]["gmacs_per_frame"] < models[slow]["gmacs_per_frame"], (slow, fast)
+    assert all(v > 0 for row in models.values() for v in row["ms_per_frame"].values())
