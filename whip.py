@@ -106,12 +106,20 @@ class WhipPushError(Exception):
 
 
 def check_push_url(url: Any) -> str:
-    """An ``http(s)`` WHIP endpoint URL. Raises HTTPError(400)."""
+    """An ``http(s)`` WHIP endpoint URL, or an ``rtmp(s)://`` URL (``rtmp.RtmpPush``).
+    Raises HTTPError(400)."""
+    import rtmp
+
+    if rtmp.is_rtmp_url(url):
+        try:
+            return rtmp.check_rtmp_url(url)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from e
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise HTTPError(400, f"'url' must be the WHIP endpoint's http(s) URL (at most {MAX_URL_CHARS} characters)")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise HTTPError(400, f"'url' must be an http:// or https:// WHIP endpoint, got {url[:80]!r}")
+        raise HTTPError(400, f"'url' must be an http(s):// WHIP endpoint or an rtmp(s):// URL, got {url[:80]!r}")
     return url
 
 
@@ -223,16 +231,23 @@ class Pushes:
 
     def __init__(self, server: Any) -> None:
         self.server = server
-        self.by_session: dict[str, WhipPush] = {}
+        self.by_session: dict[str, Any] = {}  # WhipPush or rtmp.RtmpPush
         self._watchdog: asyncio.Task | None = None
 
-    async def start(self, session: Any, url: str, token: str | None) -> WhipPush:
-        """Start a push of ``session``. Raises WhipPushError (also reported on its bus)."""
+    async def start(self, session: Any, url: str, token: str | None) -> Any:
+        """Start a push of ``session``: WHIP for http(s) URLs, RTMP (FLV, ``rtmp.RtmpPush``)
+        for rtmp(s) ones. Raises WhipPushError (also reported on its bus)."""
+        import rtmp
+
         await self.stop(session.id)
-        push = WhipPush(session, url, token, self.server.ice_servers)
+        push: Any = (rtmp.RtmpPush(session, url) if rtmp.is_rtmp_url(url)
+                     else WhipPush(session, url, token, self.server.ice_servers))
         self.by_session[session.id] = push
         try:
-            await push.start()
+            try:
+                await push.start()
+            except rtmp.RtmpPushError as e:
+                raise WhipPushError(str(e)) from e
         except WhipPushError as e:
             push.report(str(e))
             self.by_session.pop(session.id, None)

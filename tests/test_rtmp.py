@@ -220,3 +220,33 @@ def test_url_checks():
     for bad in (None, "", "rtmp://", "rtmp://host", "http://host/app/key", "rtmp://h/app/k\r\nx", "rtmp://h/" + "a" * 3000):
         with pytest.raises(ValueError):
             check_rtmp_url(bad)
+
+
+def test_push_route_publishes_a_real_session_over_rtmp(nginx, server):
+    """``POST /push`` with an rtmp:// URL: the server's session, speaking, is read back
+    from nginx (25 fps H.264 + AAC with the speech in it); ``stop`` ends it."""
+    from client import AvatarClient
+
+    url = f"{nginx}/route-key-7"
+
+    async def run():
+        async with AvatarClient(server.url) as c:
+            await asyncio.wait_for(c.first_video.wait(), 20)
+            r = await c.post("/push", {"sessionid": c.sessionid, "url": url})
+            assert r["code"] == 0 and "route-key-7" not in r["resource"], r
+            await c.say("This sentence goes out over RTMP to the media server. " * 2)
+            got: dict = {}
+            reader = threading.Thread(target=read_back, args=(url, 4.0, got), daemon=True)
+            reader.start()
+            await asyncio.get_running_loop().run_in_executor(None, reader.join, 15)
+            stopped = await c.post("/push", {"sessionid": c.sessionid, "stop": True})
+            bad = await c.post("/push", {"sessionid": c.sessionid, "url": "rtmp://"})
+            return got, stopped, bad
+
+    got, stopped, bad = asyncio.run(run())
+    assert got["codecs"] == ["aac", "h264"], got.get("codecs")
+    vt = np.array([t for t, _ in got["video"]])
+    assert len(vt) >= 60 and np.median(np.diff(vt)) == pytest.approx(0.04, abs=0.002)
+    assert max(rms for _, _, rms in got["audio"]) > 0.01, "no speech in the RTMP stream"
+    assert stopped == {"code": 0, "msg": "ok", "stopped": True} or stopped.get("stopped") is True, stopped
+    assert bad["code"] != 0, bad
