@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections import OrderedDict
 from email.parser import BytesParser
 from email.policy import HTTP

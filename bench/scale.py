@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import emit, load_speech  # noqa: E402
+from bench.converse import first_loud_arrival  # noqa: E402
 from client import AvatarClient, ServerProcess, cpu_seconds  # noqa: E402
 
-SPEECH_RMS = 0.01
 FPS_FLOOR = 24.5
 LATE_LIMIT = 0.01
 
@@ -131,16 +131,6 @@ async def upload(c: AvatarClient, data: bytes) -> float:
     return t0
 
 
-def first_loud_after(c: AvatarClient, t0: float) -> float | None:
-    rec = c.received
-    for t, a in zip(rec.audio_t, rec.audio):
-        if np.sqrt(np.mean(a * a)) > SPEECH_RMS:
-            arrival = rec.rtp_arrival(t)
-            if arrival is not None and arrival > t0:
-                return arrival - t0
-    return None
-
-
 async def run_count(url: str, pid: int, n: int, seconds: float, long_speech: bytes, clip: bytes) -> dict:
     clients = [LightClient(url, probe=(i == 0)) for i in range(n)]
     try:
@@ -156,9 +146,9 @@ async def run_count(url: str, pid: int, n: int, seconds: float, long_speech: byt
         while time.monotonic() < end - 2.5:
             t_push = await upload(clients[0], clip)
             await asyncio.sleep(2.4)
-            lat = first_loud_after(clients[0], t_push)
-            if lat is not None:
-                latencies.append(lat * 1000)
+            arrival = first_loud_arrival(clients[0], t_push)
+            if arrival is not None:
+                latencies.append((arrival - t_push) * 1000)
         await asyncio.sleep(max(0.0, end - time.monotonic()))
         st1, cpu1, t1 = session_counters(await clients[0].get("/status")), tree_cpu(pid), time.monotonic()
     finally:

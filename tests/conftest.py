@@ -90,6 +90,19 @@ def tone(seconds: float, freq: float = 220.0, level: float = 0.3, sr: int = 1600
     return (level * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
 
+# -- real parts that tests need ---------------------------------------------------------
+def require_installed(missing: str | None, how_to_get: str) -> None:
+    """Skip the test when ``missing`` names a part that is not installed (a user's
+    ``make test``); fail instead under REQUIRE_BROWSER_TESTS=1 (CI, whose .ci/run
+    installs every part)."""
+    import os
+
+    if missing:
+        if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
+            pytest.fail(f"{missing} (REQUIRE_BROWSER_TESTS=1): {how_to_get}")
+        pytest.skip(f"{missing}: {how_to_get}")
+
+
 # -- a real server in a subprocess ------------------------------------------------------
 from client import ServerProcess  # noqa: E402
 

@@ -29,7 +29,6 @@ the tests skip without them, and fail instead under REQUIRE_BROWSER_TESTS=1 (CI)
 from __future__ import annotations
 
 import base64
-import os
 import time
 import zlib
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SHARED_MEDIA
+from conftest import SHARED_MEDIA, require_installed
 
 pytestmark = pytest.mark.browser
 
@@ -96,11 +95,7 @@ FRAME_JS = """() => {
 
 def _require_browser():
     """Skips without chromium or playwright; fails instead under REQUIRE_BROWSER_TESTS=1 (CI)."""
-    missing = _missing()
-    if missing:
-        if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
-            pytest.fail(f"{missing} (REQUIRE_BROWSER_TESTS=1): {HOW_TO_GET}")
-        pytest.skip(f"{missing}: {HOW_TO_GET}")
+    require_installed(_missing(), HOW_TO_GET)
 
 
 def _missing() -> str | None:

@@ -16,14 +16,13 @@ REQUIRE_BROWSER_TESTS=1 (CI, which installs it in .ci/run) they fail instead.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import time
 
 import numpy as np
 import pytest
 
-from conftest import SPEECH_RMS, wait_until
+from conftest import SPEECH_RMS, require_installed, wait_until
 
 KEY = "janus-test-key"
 MEASURE_S = 3.0
@@ -32,10 +31,7 @@ MEASURE_S = 3.0
 def _require_janus():
     from janus import HOW_TO_GET
 
-    if shutil.which("janus") is None:
-        if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
-            pytest.fail(f"janus not installed (REQUIRE_BROWSER_TESTS=1): {HOW_TO_GET}")
-        pytest.skip(f"janus not installed: {HOW_TO_GET}")
+    require_installed("janus not installed" if shutil.which("janus") is None else None, HOW_TO_GET)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ libnginx-mod-rtmp``); under REQUIRE_BROWSER_TESTS=1 (CI, which installs them in
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 
 from client import free_port
+from conftest import require_installed
 
 HOW_TO_GET = "apt-get install nginx libnginx-mod-rtmp"
 MODULE = Path("/usr/lib/nginx/modules/ngx_rtmp_module.so")
@@ -33,10 +33,8 @@ FLASH = range(50, 75)  # slots with a white frame and a tone (2.0-3.0 s into the
 
 
 def _require_nginx_rtmp():
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists() or not MODULE.exists():
-        if os.environ.get("REQUIRE_BROWSER_TESTS") == "1":
-            pytest.fail(f"nginx with the RTMP module not installed (REQUIRE_BROWSER_TESTS=1): {HOW_TO_GET}")
-        pytest.skip(f"nginx with the RTMP module not installed: {HOW_TO_GET}")
+    absent = shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists() or not MODULE.exists()
+    require_installed("nginx with the RTMP module not installed" if absent else None, HOW_TO_GET)
 
 
 @pytest.fixture(scope="module")
