@@ -148,6 +148,17 @@ async def bench_turn(url: str, trials: int, question: np.ndarray) -> dict:
                          "speech_sent_to_first_audio_packet": stats(to_audio)}}
 
 
+async def avatar_loud_now(c: AvatarClient, timeout: float = 3.0) -> None:
+    """Return once the newest audio frame decoded is speech (it left aiortc's jitter
+    buffer ~80 ms after it arrived: the avatar is most likely still in that word)."""
+    rec, end = c.received, time.monotonic() + timeout
+    n = len(rec.audio)
+    while time.monotonic() < end:
+        if len(rec.audio) > n and np.sqrt(np.mean(rec.audio[-1] ** 2)) > 3 * SPEECH_RMS:
+            return
+        await asyncio.sleep(0.005)
+
+
 async def bench_barge_in(url: str, trials: int, interjection: np.ndarray, echo_gain: float) -> dict:
     tails, skipped, trial_log = [], 0, []
     c = AvatarClient(url)
@@ -160,6 +171,7 @@ async def bench_barge_in(url: str, trials: int, interjection: np.ndarray, echo_g
             await c.post("/human", {"sessionid": c.sessionid, "text": "Tell me a story.", "type": "chat"})
             await wait_event(c, "playback_started", n + 1)
             await asyncio.sleep(1.5)
+            await avatar_loud_now(c)  # talk over a word, not into a pause between pieces
             mic.say(interjection)
             while mic.speech_started_at is None:
                 await asyncio.sleep(0.005)
