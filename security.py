@@ -1,7 +1,8 @@
 """Access control and connection limits.
 
 - ``--api_key`` (or ``API_KEY`` in the environment): every route but the page and
-  its static files needs ``Authorization: Bearer <key>``. Each ``/offer`` answer
+  its static files needs ``Authorization: Bearer <key>`` (``OPTIONS`` requests do
+  not: they only describe a route, and browsers send preflights without credentials). Each ``/offer`` answer
   carries a per-session ``token``; per-session routes (``/human``, ``/humanaudio``,
   ``/interrupt_talk``, ``/is_speaking``, ``/ws``, ``/events``, ``/sse``) accept that
   session's token or the key, so a leaked session id alone controls nothing. Where a
@@ -83,8 +84,8 @@ class AccessControl:
             allowed_cross = True
             if request.method == "OPTIONS":  # CORS preflight
                 return web.Response(status=204, headers=_cors_headers(origin, preflight=True))
-        if (self.api_key is not None and not self._public(request.path) and request.path not in SESSION_ROUTES
-                and not request.path.startswith(SESSION_PREFIXES)):
+        if (self.api_key is not None and request.method != "OPTIONS" and not self._public(request.path)
+                and request.path not in SESSION_ROUTES and not request.path.startswith(SESSION_PREFIXES)):
             if not same(self.api_key, presented_credential(request)):
                 return error_response(401, "this server needs 'Authorization: Bearer <api key>'")
         response = await handler(request)
@@ -98,7 +99,11 @@ class AccessControl:
 
 
 def _same_origin(origin: str, request: web.Request) -> bool:
-    parts = urlsplit(origin)
+    """``origin`` is the server's own (False for one that is not a URL: a cross-origin 403)."""
+    try:
+        parts = urlsplit(origin)
+    except ValueError:  # e.g. "http://[": refused as cross-origin, never a 500
+        return False
     return parts.netloc != "" and parts.netloc == request.host
 
 

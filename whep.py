@@ -7,7 +7,8 @@ Routes (``wish.py`` has the shared rules: bodies, DELETE, PATCH, OPTIONS, livene
   /whep/<sessionid>/<viewer>``. The viewer gets its own pair of tracks
   (``webrtc.JoinPoint``): the session's media from the next slot on, with the same
   pts, the same A/V pairing and the same frames as the session's own peer and
-  every other viewer; each viewer costs its own encode. At most
+  every other viewer; each viewer costs its own encode (``--video_codec`` is
+  preferred, as for the session's own peer, when the player offers it). At most
   ``--max_viewers`` viewers per session (503 beyond). With ``--api_key``: the
   session's token or the key as ``Authorization: Bearer``.
 - ``POST /whep`` (no id): a new session whose peer is this player, so a plain
@@ -33,7 +34,7 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 import wish
 from api import HTTPError
-from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint
+from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint, prefer_video_codec
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,19 @@ class WhepEndpoint:
         ice = self.server.ice_servers
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice) if ice else None)
         resource = wish.Resource(KIND, session, pc)
+        self.resources.add(resource)  # counted from here on: parallel POSTs cannot pass --max_viewers
         join = JoinPoint()
         try:
             pc.addTrack(AvatarAudioTrack(session.worker, join))
-            pc.addTrack(AvatarVideoTrack(session.worker, join))
+            video_sender = pc.addTrack(AvatarVideoTrack(session.worker, join))
+            prefer_video_codec(pc, video_sender, getattr(self.server.args, "video_codec", "auto"), sdp)  # --video_codec, if offered
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # what check_offer cannot see
-            await pc.close()
+            await self.resources.close(resource, "bad_offer")
             raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
-        self.resources.add(resource)
+        if resource.closed:  # its session closed while we answered
+            raise HTTPError(404, "the session closed")
         log.info("session %s: WHEP viewer %s from %s (%d viewers)", session.id[:8], resource.id[:8],
                  request.remote, self.resources.count(session, KIND))
         return wish.created(pc.localDescription.sdp, resource.location)

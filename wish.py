@@ -25,10 +25,11 @@ the candidates in our answer (peer-reflexive candidates, RFC 8445 section 7.3.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
@@ -189,17 +190,21 @@ class Resources:
         if resource.owns_session:
             await self.registry.close(resource.session, f"{resource.kind}_{reason}")
             return
-        try:
-            for hook in resource.on_close:
+        for hook in resource.on_close:  # each in its own try: a failing hook never keeps the peer open
+            try:
                 await hook()
+            except Exception:
+                log.exception("%s %s: error in a close hook", resource.kind, resource.id[:8])
+        try:
             await resource.pc.close()
+        except Exception:
+            log.exception("%s %s: error while closing", resource.kind, resource.id[:8])
+        finally:
             for sender in resource.pc.getSenders():  # let reference counting free the tracks (see sessions.py)
                 sender.replaceTrack(None)
                 vars(sender).pop("_handle_rtcp_packet", None)
             for receiver in resource.pc.getReceivers():
                 vars(receiver).pop("_handle_rtcp_packet", None)
-        except Exception:
-            log.exception("%s %s: error while closing", resource.kind, resource.id[:8])
 
     async def close_all(self, reason: str = "shutdown") -> None:
         await asyncio.gather(*(self.close(r, reason) for r in list(self.by_id.values())))
@@ -214,10 +219,39 @@ class Resources:
             for r in list(self.by_id.values()):
                 if r.session.closed or (r.owns_session and r.session.id not in self.registry.sessions):
                     await self.close(r, "session_closed")
+                elif r.owns_session:  # the session's own peer: sessions.py times it out, not us
+                    continue
                 elif not r.connected and now - r.created > a.connect_timeout:
                     await self.close(r, "connect_timeout")
                 elif r.connected and a.peer_timeout > 0 and now - r.last_heard > a.peer_timeout:
                     await self.close(r, "peer_silent")
+
+
+class SessionLocks:
+    """One ``asyncio.Lock`` per session id, made on demand and dropped when unused, so
+    that parallel requests for one session (``/push``, ``/janus``) run one at a time::
+
+        async with locks.hold(session.id):
+            ...
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, list] = {}  # session id -> [lock, holders and waiters]
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.setdefault(key, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._locks.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 RESOURCES = web.AppKey("wish_resources", Resources)

@@ -159,10 +159,13 @@ async def _run_viewers(server):
 
 
 def test_post_whep_without_a_session_id_starts_a_talking_session(server):
+    """... and keeps it past --connect_timeout (5 s): the resource that owns its session
+    is watched by sessions.py, not closed by the WHEP watchdog as 'never connected'."""
     from client import WhepViewer
 
     async def run():
         v = WhepViewer(server.url)
+        t0 = time.monotonic()
         await v.connect()
         await asyncio.wait_for(v.first_video.wait(), 10)
         sid = v.sessionid
@@ -176,15 +179,20 @@ def test_post_whep_without_a_session_id_starts_a_talking_session(server):
             return _first_loud(v.received, n0) is not None
 
         spoke = await wait_until(loud, 10)
+        await asyncio.sleep(max(0.0, 6.5 - (time.monotonic() - t0)))  # past --connect_timeout 5 s
+        frames = len(v.received.video_t)
+        await asyncio.sleep(0.5)
+        held = sid[:8] in server.status()["sessions"] and len(v.received.video_t) - frames >= 5
         deleted = await v.delete()
         v.resource = None
         await asyncio.sleep(0.3)
         gone = sid[:8] not in server.status()["sessions"]
         await v.close()
-        return listed, said, spoke, deleted, gone
+        return listed, said, spoke, held, deleted, gone
 
-    listed, said, spoke, deleted, gone = asyncio.run(run())
+    listed, said, spoke, held, deleted, gone = asyncio.run(run())
     assert listed and said == 200 and spoke, "a plain WHEP player gets a session that speaks"
+    assert held, "the session of POST /whep still runs and sends after --connect_timeout"
     assert deleted == 200 and gone, "DELETE of its resource ends the session"
 
 
@@ -339,7 +347,7 @@ def keyed_server(tmp_path_factory):
     from client import ServerProcess
 
     srv = ServerProcess(tmp_path_factory.mktemp("keyed"), "--max_session", "2", "--api_key", "k1",
-                        "--max_viewers", "1")
+                        "--max_viewers", "1", "--video_codec", "h264")
     yield srv
     srv.stop()
 
@@ -378,3 +386,73 @@ def test_whep_needs_the_sessions_token_and_bounds_viewers(keyed_server):
     assert out["huge"] == 413
     assert out["token"] == 201 and out["second"] == 503  # --max_viewers 1
     assert (out["delete_without"], out["delete"]) == (401, 200)
+
+
+def test_parallel_viewers_keep_the_limit_and_viewers_get_the_video_codec(keyed_server):
+    """--max_viewers 1 with three POSTs at once: one viewer, two 503s (the place is held
+    from before the first await); the viewer's answer puts --video_codec (h264) first;
+    OPTIONS /whep needs no key (a preflight has none); a malformed Origin is a 403."""
+    from client import AvatarClient
+    from test_codec import first_video_codec
+
+    url = keyed_server.url
+
+    async def run():
+        out = {}
+        async with AvatarClient(url, api_key="k1") as peer, aiohttp.ClientSession() as http:
+            await asyncio.wait_for(peer.first_video.wait(), 10)
+            offers = [await _offer() for _ in range(3)]
+
+            async def post(offer):
+                headers = {**SDP, "Authorization": f"Bearer {peer.token}"}
+                async with http.post(f"{url}/whep/{peer.sessionid}", data=offer, headers=headers) as r:
+                    return r.status, await r.text(), r.headers.get("Location")
+
+            answers = await asyncio.gather(*(post(o) for o in offers))
+            out["statuses"] = sorted(a[0] for a in answers)
+            made = [a for a in answers if a[0] == 201]
+            out["codec"] = first_video_codec(made[0][1]) if made else None
+            for _, _, location in made:
+                async with http.delete(url + location, headers={"Authorization": f"Bearer {peer.token}"}):
+                    pass
+            async with http.options(f"{url}/whep") as r:
+                out["options"] = r.status, r.headers.get("Accept-Post")
+            async with http.get(f"{url}/config", headers={"Origin": "http://["}) as r:
+                out["bad_origin"] = r.status
+        return out
+
+    out = asyncio.run(run())
+    assert out["statuses"] == [201, 503, 503], out["statuses"]
+    assert out["codec"] == "video/H264", out["codec"]
+    assert out["options"] == (204, "application/sdp")
+    assert out["bad_origin"] == 403
+
+
+# -- wish.Resources.close: a failing hook still closes the peer -------------------------------
+def test_a_failing_close_hook_still_closes_the_peer_and_the_other_hooks_run():
+    from aiortc import RTCPeerConnection
+
+    import wish
+
+    async def run():
+        registry = SimpleNamespace(sessions={})
+        resources = wish.Resources(registry, SimpleNamespace(connect_timeout=5.0, peer_timeout=4.0))
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendonly")
+        r = wish.Resource("whep", SimpleNamespace(id="s" * 32, closed=False), pc)
+        ran = []
+
+        async def broken():
+            raise RuntimeError("a hook that fails")
+
+        async def after():
+            ran.append(True)
+
+        r.on_close += [broken, after]
+        resources.add(r)
+        await resources.close(r, "deleted")
+        await resources.close_all()
+        return pc.connectionState, ran, resources.by_id
+
+    state, ran, left = asyncio.run(run())
+    assert state == "closed" and ran == [True] and not left
