@@ -58,7 +58,6 @@ class Front:
         self.args = args
         self.access = AccessControl(args.api_key, args.cors_origin)
         self.pool = WorkerPool(args, self._on_lost)
-        self.where: dict[str, Worker] = {}  # session id -> its worker
         self.lost: OrderedDict[str, str] = OrderedDict()  # session id -> why it is gone
         self.http: Optional[aiohttp.ClientSession] = None
         self.registry = CollectorRegistry()
@@ -85,10 +84,6 @@ class Front:
         self.m_lost.inc()
         self.m_sessions_lost.inc(len(sessions))
         for sid in sessions:
-            self.where.pop(sid, None)
-            self.lost[sid] = f"its worker (process {worker.pid}) was lost"
-        for sid in [s for s, w in self.where.items() if w is worker]:
-            self.where.pop(sid, None)
             self.lost[sid] = f"its worker (process {worker.pid}) was lost"
         while len(self.lost) > LOST_MEMORY:
             self.lost.popitem(last=False)
@@ -109,20 +104,12 @@ class Front:
             if not live:
                 raise HTTPError(503, "no session worker is running")
             return await self._relay(request, body, live[0])
-        worker = self.where.get(sid)
-        if worker is None or worker.lost:
+        worker = self.pool.holding(sid)
+        if worker is None:
             if sid in self.lost:
                 raise HTTPError(410, f"session '{sid[:40]}' is gone: {self.lost[sid]}; start a new session")
-            self._refresh_mapping()
-            worker = self.where.get(sid)
-            if worker is None:
-                raise HTTPError(404, f"unknown session '{sid[:40]}'")
+            raise HTTPError(404, f"unknown session '{sid[:40]}'")
         return await self._relay(request, body, worker)
-
-    def _refresh_mapping(self) -> None:
-        for w in self.pool.live():
-            for s in w.sessions:
-                self.where.setdefault(s, w)
 
     async def _place(self, request: web.Request, body: bytes) -> web.StreamResponse:
         worker = self.pool.pick()
@@ -130,16 +117,14 @@ class Front:
             self.m_refused.inc()
             raise HTTPError(503, f"all {len(self.pool.live())} session workers are full "
                                  f"({self.pool.capacity} sessions each); try again later")
-        self.pool.placed(worker, "")  # hold the slot while the worker answers
+        worker.reserved += 1  # hold the place while the worker answers
         try:
             response = await self._relay(request, body, worker, capture=True)
         finally:
-            worker.sessions.discard("")
-            worker.placed_at.pop("", None)
+            worker.reserved -= 1
         sid = self._answered_session(response)
         if sid is not None:
             self.pool.placed(worker, sid)
-            self.where[sid] = worker
             self.m_placed.labels(str(worker.index)).inc()
         return response
 

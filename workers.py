@@ -178,11 +178,14 @@ class Worker:
     lost: bool = False
     sessions: set[str] = field(default_factory=set)
     placed_at: dict[str, float] = field(default_factory=dict)  # sessions placed since the last poll
+    reserved: int = 0  # offers being answered by it right now
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when the worker is lost
 
     @property
     def load(self) -> int:
-        return len(self.sessions)
+        """Places taken: its sessions (as last polled, plus those placed since) and
+        the offers it is answering."""
+        return len(self.sessions) + self.reserved
 
 
 class WorkerPool:
@@ -307,6 +310,10 @@ class WorkerPool:
         """The live worker with the most free capacity; None when all are full."""
         free = [(self.capacity - w.load, -w.index, w) for w in self.live() if w.load < self.capacity]
         return max(free, key=lambda t: t[:2])[2] if free else None
+
+    def holding(self, session_id: str) -> Optional[Worker]:
+        """The live worker that holds ``session_id`` (None: no live worker does)."""
+        return next((w for w in self.live() if session_id in w.sessions), None)
 
     def placed(self, worker: Worker, session_id: str) -> None:
         """The front placed ``session_id`` on ``worker`` (counted until polls confirm it)."""
