@@ -14,8 +14,9 @@ client publishes, all in the push's own thread. Its interface is the one of
     await push.stop()
 
 Errors (connect, publish refused, the connection lost mid-stream) are published as
-``error`` events on the session's bus (``source: "rtmp_push"``); the session goes
-on. URLs are reported without their path past the application name (stream keys
+``error`` events on the session's bus (``source: "rtmp_push"``), once, by the push
+itself (``start``'s failures too: callers do not publish them again); the session
+goes on. URLs are reported without their path past the application name (stream keys
 are secrets).
 """
 
@@ -43,7 +44,12 @@ class RtmpPushError(Exception):
 
 def is_rtmp_url(url: Any) -> bool:
     """True for an ``rtmp://`` or ``rtmps://`` URL (the ``/push`` route's dispatch)."""
-    return isinstance(url, str) and urlsplit(url).scheme in ("rtmp", "rtmps")
+    if not isinstance(url, str):
+        return False
+    try:
+        return urlsplit(url).scheme in ("rtmp", "rtmps")
+    except ValueError:  # e.g. "http://[": not a URL at all (check_push_url says so)
+        return False
 
 
 def check_rtmp_url(url: Any) -> str:
@@ -54,7 +60,11 @@ def check_rtmp_url(url: Any) -> str:
     """
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise ValueError(f"'url' must be an rtmp:// URL of at most {MAX_URL_CHARS} characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not 0..65535)
+    except ValueError as e:
+        raise ValueError(f"'url' must look like rtmp://host[:port]/app/stream: {e}") from None
     if parts.scheme not in ("rtmp", "rtmps") or not parts.hostname or not parts.path.strip("/"):
         raise ValueError(f"'url' must look like rtmp://host[:port]/app/stream, got {redact(url)!r}")
     if any(c in url for c in "\r\n\0 "):
@@ -63,11 +73,14 @@ def check_rtmp_url(url: Any) -> str:
 
 
 def redact(url: str) -> str:
-    """``url`` without credentials and without its path past the first segment."""
-    parts = urlsplit(url)
+    """``url`` without credentials and without its path past the first segment (never raises)."""
+    try:
+        parts = urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "rtmp://?/..."
     app = parts.path.strip("/").split("/", 1)[0]
     host = parts.hostname or "?"
-    port = f":{parts.port}" if parts.port else ""
     return f"{parts.scheme}://{host}{port}/{app}/..."
 
 
@@ -108,7 +121,9 @@ class RtmpPush:
             error = await asyncio.wait_for(asyncio.wrap_future(self._live), self.timeout_s + 2.0)
         except TimeoutError:
             await self.stop()
-            raise RtmpPushError(f"RTMP push to {self.resource}: nothing published within {self.timeout_s + 2.0:g} s") from None
+            msg = f"RTMP push to {self.resource}: nothing published within {self.timeout_s + 2.0:g} s"
+            self.report(msg)
+            raise RtmpPushError(msg) from None
         if error is not None:
             self.stopped = True
             raise RtmpPushError(error)

@@ -172,6 +172,7 @@ class AvatarServer:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers) if self.ice_servers else None)
         bus = EventBus()
         session = Session(pc, None, bus, address)  # type: ignore[arg-type]
+        session.mic = mic if mic in ("lipsync", "converse") else None  # whip.py refuses a second microphone
         sid = session.id
         session.worker = BaseReal(sid, model_factory(), avatar, self.options, self.metrics.session(sid), tts, bus.publish)
         session.worker.voice = voice
@@ -357,7 +358,7 @@ class AvatarServer:
         # encoders queue behind each other and frames go out late. Give each track
         # of each session and of each WHEP viewer a thread (threads start only when
         # needed), plus some for uploads and teardown.
-        workers = 2 * self.args.max_session * (1 + getattr(self.args, "max_viewers", 0)) + 4
+        workers = 2 * self.args.max_session * (1 + getattr(self.args, "max_viewers", 0) + 2) + 4  # +2: a push, Janus
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(workers, thread_name_prefix="media"))
         self._background(self.tts())  # load the voice now, not on the first /offer
 

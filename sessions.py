@@ -58,6 +58,7 @@ class Session:
         self.connected = False
         self.last_rtcp = self.created
         self.agent = None  # converse.ChatAgent, made on the session's first chat
+        self.mic: str | None = None  # "lipsync" or "converse" when its own peer feeds the microphone
         self.closed = False
 
     def watch_rtcp(self) -> None:

@@ -5,9 +5,11 @@
 GStreamer's whipsink, another of these servers) -> ``201 Created``, the SDP answer,
 ``Location: /whip/<sessionid>/<publisher>``. The publisher's audio track becomes the
 session's live speech (``ingest.MicrophoneIngest``: talk spurts, one utterance
-each); its video, if any, is received and dropped. One publisher per session at a
-time (409 while one is connected); the session's own peer must have connected
-(409 before). ``DELETE`` on the ``Location`` ends it; ``PATCH`` -> 405. Errors as
+each); its video, if any, is declined (``inactive`` in the answer: never received
+nor decoded). One publisher per session at a time (409 while one is connected);
+the session's own peer must have connected (409 before) and must not feed the
+microphone itself (409 for a session opened with ``"mic": "lipsync"`` or
+``"converse"``). ``DELETE`` on the ``Location`` ends it; ``PATCH`` -> 405. Errors as
 for WHEP (``whep.py``): 415, 404, 401, 400, 413. With ``--api_key``: the session's
 token (or the key) as ``Authorization: Bearer``.
 
@@ -23,12 +25,16 @@ to any WHIP endpoint (an SFU, a media server, another of these servers):
 
 The offer carries every candidate (non-trickle: aiortc gathers before it
 answers); ``307``/``308`` redirects are followed (at most ``MAX_REDIRECTS``, with
-the same body and token); the ``Location`` is resolved against the URL that
-answered and ``DELETE``d when the push stops or the session ends. Every request has
-a ``PUSH_TIMEOUT_S`` limit. A failure (unreachable, timeout, a non-201 answer, ICE
+the same body; the token only while the URL keeps the endpoint's origin); the
+``Location`` is resolved against the URL that answered and ``DELETE``d when the
+push stops or the session ends. The answer must be ``201`` with ``Content-Type:
+application/sdp`` of at most ``webrtc.MAX_SDP_BYTES``. Every request has a
+``PUSH_TIMEOUT_S`` limit. A failure (unreachable, timeout, a non-201 answer, ICE
 failing later) is published as an ``error`` event on the session's bus (``{"type":
 "error", "msg", "source": "whip_push"}``) and, for ``/push``, answered ``502`` with
-the same message; the session itself goes on.
+the same message (the status, never the endpoint's body: that goes to the log only);
+the session itself goes on. Parallel ``/push`` calls for one session run one after
+the other (the later one replaces the earlier push).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.contrib.media import MediaBlackhole
 
 import ingest
 import wish
@@ -53,6 +60,7 @@ KIND = "whip"
 PUSH_TIMEOUT_S = 10.0  # each HTTP request of a push (POST, each redirect, DELETE)
 MAX_REDIRECTS = 3  # 307/308 hops followed (RFC 9725 section 4.6)
 MAX_URL_CHARS = 2048
+MIC_MODES = ("lipsync", "converse")  # a session opened with these takes its microphone from its own peer
 
 
 # -- ingest ---------------------------------------------------------------------------
@@ -67,35 +75,48 @@ class WhipEndpoint:
         session = self.server.session({"sessionid": request.match_info["sessionid"]}, request, connected=True)
         sdp = await wish.read_sdp(request, self.server.args.request_timeout)
         wish.check_wish_offer(sdp, send=True)
+        if getattr(session, "mic", None) in MIC_MODES:
+            raise HTTPError(409, f"this session's own peer already feeds its microphone ('mic': {session.mic!r}); "
+                                 "open the session without 'mic' to take a WHIP publisher's audio")
         if self.resources.count(session, KIND):
             raise HTTPError(409, "this session already has a WHIP publisher: DELETE its resource first")
         ice = self.server.ice_servers
         pc = RTCPeerConnection(RTCConfiguration(iceServers=ice) if ice else None)
         resource = wish.Resource(KIND, session, pc)
+        self.resources.add(resource)  # counted from here on: a parallel POST gets the 409 above
         tasks: list[asyncio.Task] = []
+        sinks: list[MediaBlackhole] = []
 
         @pc.on("track")
         def on_track(track) -> None:
             if track.kind == "audio" and not tasks:
                 shorten_receive_buffer(pc, track)  # live speech, not played out here: 2 packets, not 4
                 tasks.append(asyncio.ensure_future(ingest.MicrophoneIngest(session.worker, track).run()))
-            else:
-                from server import drain
-
-                tasks.append(asyncio.ensure_future(drain(track)))
+            elif track.kind == "audio":  # a second audio track: received (the answer accepts it), discarded
+                sink = MediaBlackhole()
+                sink.addTrack(track)
+                sinks.append(sink)
+                tasks.append(asyncio.ensure_future(sink.start()))
+            # video: declined in the answer (inactive), so nothing arrives to decode
 
         async def stop_tasks() -> None:
             for t in tasks:
                 t.cancel()
+            for sink in sinks:
+                await sink.stop()
 
         resource.on_close.append(stop_tasks)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind == "video":  # we do not use the publisher's video: decline it, never decode it
+                    transceiver.direction = "inactive"
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # what check_offer cannot see
-            await pc.close()
+            await self.resources.close(resource, "bad_offer")
             raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
-        self.resources.add(resource)
+        if resource.closed:  # its session closed while we answered
+            raise HTTPError(404, "the session closed")
         log.info("session %s: WHIP publisher %s from %s", session.id[:8], resource.id[:8], request.remote)
         return wish.created(pc.localDescription.sdp, resource.location)
 
@@ -117,10 +138,23 @@ def check_push_url(url: Any) -> str:
             raise HTTPError(400, str(e)) from e
     if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
         raise HTTPError(400, f"'url' must be the WHIP endpoint's http(s) URL (at most {MAX_URL_CHARS} characters)")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+    except ValueError as e:
+        raise HTTPError(400, f"'url' is not a URL: {e}") from e
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise HTTPError(400, f"'url' must be an http(s):// WHIP endpoint or an rtmp(s):// URL, got {url[:80]!r}")
     return url
+
+
+def same_origin(a: str, b: str) -> bool:
+    """``a`` and ``b`` have the same scheme, host and port (RFC 6454's origin)."""
+    try:
+        pa, pb = urlsplit(a), urlsplit(b)
+        return (pa.scheme, pa.hostname, pa.port) == (pb.scheme, pb.hostname, pb.port)
+    except ValueError:
+        return False
 
 
 class WhipPush:
@@ -141,9 +175,11 @@ class WhipPush:
         self.resource: str | None = None  # the Location, absolute
         self.stopped = False
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+    def _headers(self, url: str, content_type: str | None = None) -> dict[str, str]:
+        """The request's headers; the bearer token only goes to the endpoint's own
+        origin (a redirect or a ``Location`` elsewhere does not receive it)."""
         headers = {"Content-Type": content_type} if content_type else {}
-        if self.token:
+        if self.token and same_origin(url, self.url):
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
@@ -170,17 +206,24 @@ class WhipPush:
             async with aiohttp.ClientSession(timeout=timeout) as http:
                 for _ in range(MAX_REDIRECTS + 1):
                     async with http.post(url, data=self.pc.localDescription.sdp.encode(),
-                                         headers=self._headers(wish.SDP_TYPE), allow_redirects=False) as r:
+                                         headers=self._headers(url, wish.SDP_TYPE), allow_redirects=False) as r:
                         if r.status in (307, 308) and r.headers.get("Location"):
                             url = urljoin(url, r.headers["Location"])
                             continue
                         body = await r.content.read(wish.MAX_SDP_BYTES + 1)
-                        if r.status != 201:
-                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered {r.status}: "
-                                                f"{body[:200].decode('utf-8', 'replace')}")
+                        if r.status != 201:  # the body stays in the log: the endpoint is the caller's choice
+                            log.info("session %s: WHIP endpoint %s answered %d: %r", self.session.id[:8],
+                                     url[:80], r.status, body[:200])
+                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered {r.status} {r.reason or ''}".rstrip())
                         location = r.headers.get("Location")
                         if not location:
                             raise WhipPushError(f"WHIP endpoint {url[:80]} answered 201 without a Location")
+                        if r.content_type != wish.SDP_TYPE:
+                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered 201 with Content-Type "
+                                                f"{r.content_type[:60]!r}, not {wish.SDP_TYPE}")
+                        if len(body) > wish.MAX_SDP_BYTES:
+                            raise WhipPushError(f"WHIP endpoint {url[:80]} answered more than "
+                                                f"{wish.MAX_SDP_BYTES} bytes of SDP")
                         self.resource = urljoin(url, location)
                         answer = body.decode("utf-8", "replace")
                         break
@@ -190,6 +233,8 @@ class WhipPush:
             raise WhipPushError(f"WHIP endpoint {url[:80]} unreachable: {str(e)[:160] or type(e).__name__}") from e
         except TimeoutError as e:
             raise WhipPushError(f"WHIP endpoint {url[:80]} did not answer within {PUSH_TIMEOUT_S:g} s") from e
+        except ValueError as e:  # a redirect's Location that is not a URL
+            raise WhipPushError(f"WHIP endpoint {url[:80]} sent an unusable Location: {str(e)[:120]}") from e
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         except Exception as e:
@@ -209,7 +254,7 @@ class WhipPush:
             return
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT_S)) as http:
-                async with http.delete(resource, headers=self._headers()) as r:
+                async with http.delete(resource, headers=self._headers(resource)) as r:
                     if r.status >= 300:
                         self.report(f"WHIP DELETE {resource[:80]} answered {r.status}")
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -227,39 +272,59 @@ class WhipPush:
 
 
 class Pushes:
-    """The WHIP pushes of one server, at most one per session (a new one replaces it)."""
+    """The WHIP pushes of one server, at most one per session (a new one replaces it).
+    Starts and stops of one session run one at a time (``wish.SessionLocks``)."""
 
     def __init__(self, server: Any) -> None:
         self.server = server
         self.by_session: dict[str, Any] = {}  # WhipPush or rtmp.RtmpPush
+        self.locks = wish.SessionLocks()
         self._watchdog: asyncio.Task | None = None
 
     async def start(self, session: Any, url: str, token: str | None) -> Any:
         """Start a push of ``session``: WHIP for http(s) URLs, RTMP (FLV, ``rtmp.RtmpPush``)
-        for rtmp(s) ones. Raises WhipPushError (also reported on its bus)."""
+        for rtmp(s) ones. Raises WhipPushError (also reported on its bus, once)."""
+        async with self.locks.hold(session.id):
+            return await self._start(session, url, token)
+
+    async def _start(self, session: Any, url: str, token: str | None) -> Any:
         import rtmp
 
         await self.stop(session.id)
-        push: Any = (rtmp.RtmpPush(session, url) if rtmp.is_rtmp_url(url)
-                     else WhipPush(session, url, token, self.server.ice_servers))
+        rtmp_url = rtmp.is_rtmp_url(url)
+        try:
+            push: Any = rtmp.RtmpPush(session, url) if rtmp_url else WhipPush(session, url, token,
+                                                                              self.server.ice_servers)
+        except ValueError as e:  # a URL that check_push_url let through
+            raise WhipPushError(f"bad push URL: {e}") from e
         self.by_session[session.id] = push
         try:
-            try:
-                await push.start()
-            except rtmp.RtmpPushError as e:
-                raise WhipPushError(str(e)) from e
-        except WhipPushError as e:
-            push.report(str(e))
-            self.by_session.pop(session.id, None)
-            await push.stop()
-            raise
+            await push.start()
+        except Exception as e:
+            if isinstance(e, rtmp.RtmpPushError):
+                msg = str(e)  # rtmp.RtmpPush published it already
+            else:
+                if isinstance(e, WhipPushError):
+                    msg = str(e)
+                else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
+                    log.exception("session %s: push to %s failed", session.id[:8], url[:80])
+                    msg = f"push to {url[:80]} failed: {type(e).__name__}"
+                push.report(msg)
+            await self._forget(session.id, push)
+            raise WhipPushError(msg) from e
         if session.closed:  # closed while we waited for the endpoint
-            await self.stop(session.id)
+            await self._forget(session.id, push)
             raise WhipPushError("the session closed while the push was starting")
         log.info("session %s: pushing to %s", session.id[:8], push.resource)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.ensure_future(self._watch())
         return push
+
+    async def _forget(self, session_id: str, push: Any) -> None:
+        """Stop ``push`` and drop it from :attr:`by_session` if it is still the session's."""
+        if self.by_session.get(session_id) is push:
+            del self.by_session[session_id]
+        await push.stop()
 
     async def stop(self, session_id: str) -> bool:
         push = self.by_session.pop(session_id, None)
@@ -279,7 +344,7 @@ class Pushes:
             await asyncio.sleep(wish.WATCH_INTERVAL_S)
             for sid, push in list(self.by_session.items()):
                 if push.session.closed or push.stopped:
-                    await self.stop(sid)
+                    await self._forget(sid, push)
 
     # -- routes -------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.Response:
@@ -287,7 +352,8 @@ class Pushes:
         body = await read_json(request, self.server.args.request_timeout)
         session = self.server.session(body, request)
         if body.get("stop"):
-            return ok(stopped=await self.stop(session.id))
+            async with self.locks.hold(session.id):  # after a start under way
+                return ok(stopped=await self.stop(session.id))
         url = check_push_url(body.get("url"))
         token = body.get("token")
         if token is not None and (not isinstance(token, str) or len(token) > MAX_URL_CHARS):

@@ -310,3 +310,150 @@ def _espeak_wav(path) -> None:
     tts = make_tts("espeak")
     pcm = np.concatenate([a for _, a in tts.sentences("Hello there. I am speaking into the microphone.")])
     sf.write(path, pcm, tts.sample_rate_out, subtype="PCM_16")
+
+
+# -- review fixes (issue #11): races, hostile URLs, what an endpoint's answer may leak -------
+async def _publisher_with_video_offer():
+    """A publisher's offer with audio and video (as OBS sends)."""
+    from aiortc import RTCPeerConnection, VideoStreamTrack
+
+    from client import MicrophoneTrack, Received
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver(MicrophoneTrack(Received()).track, direction="sendonly")
+    pc.addTransceiver(VideoStreamTrack(), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+def _video_direction(sdp: str) -> str:
+    from aiortc.sdp import SessionDescription
+
+    return next(m for m in SessionDescription.parse(sdp).media if m.kind == "video").direction
+
+
+def test_whip_ingest_one_publisher_under_parallel_posts_declines_video_and_a_second_microphone(server):
+    """Three POSTs at once: one publisher, two 409s (the place is held before the first
+    await). A publisher's video is declined (inactive: never decoded). A session whose
+    own peer feeds the microphone ("mic": "lipsync") refuses a WHIP publisher (409)."""
+    from client import AvatarClient, MicrophoneTrack, Received
+
+    async def run():
+        out = {}
+        async with AvatarClient(server.url) as peer, aiohttp.ClientSession() as http:
+            await asyncio.wait_for(peer.first_video.wait(), 10)
+            url = f"{server.url}/whip/{peer.sessionid}"
+            pcs = [await _publisher_with_video_offer() for _ in range(3)]
+
+            async def post(pc):
+                async with http.post(url, data=pc.localDescription.sdp, headers=SDP) as r:
+                    return r.status, await r.text(), r.headers.get("Location")
+
+            answers = await asyncio.gather(*(post(pc) for pc in pcs))
+            out["statuses"] = sorted(a[0] for a in answers)
+            made = [a for a in answers if a[0] == 201]
+            out["video"] = _video_direction(made[0][1]) if made else None
+            for _, _, location in made:
+                async with http.delete(server.url + location):
+                    pass
+            for pc in pcs:
+                await pc.close()
+        mic_peer = AvatarClient(server.url)
+        mic_peer.mic_track = MicrophoneTrack(Received()).track
+        async with mic_peer, aiohttp.ClientSession() as http:
+            await asyncio.wait_for(mic_peer.first_video.wait(), 10)
+            pc, _ = await _publisher_offer()
+            async with http.post(f"{server.url}/whip/{mic_peer.sessionid}", data=pc.localDescription.sdp,
+                                 headers=SDP) as r:
+                out["mic"] = r.status, await r.json(content_type=None)
+            await pc.close()
+        return out
+
+    out = asyncio.run(run())
+    assert out["statuses"] == [201, 409, 409], out["statuses"]
+    assert out["video"] == "inactive", "the publisher's video is declined, not received and dropped"
+    assert out["mic"][0] == 409 and "microphone" in out["mic"][1]["msg"], out["mic"]
+
+
+class _Endpoints:
+    """WHIP endpoints that misbehave, on this test's loop: ``/secret`` refuses with a
+    body, ``/plain`` answers 201 as text/plain, ``/hop`` redirects to another origin
+    (``localhost`` instead of ``127.0.0.1``) whose ``/record`` notes the Authorization."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []  # (path, Authorization)
+
+    async def start(self) -> str:
+        async def handle(request: web.Request) -> web.Response:
+            self.seen.append((request.path, request.headers.get("Authorization")))
+            if request.path == "/secret":
+                return web.Response(status=403, text="SECRET-INTERNAL-BODY")
+            if request.path == "/plain":
+                return web.Response(status=201, text="v=0", headers={"Location": "/plain/1"})
+            if request.path == "/hop":
+                return web.Response(status=307, headers={"Location": f"http://localhost:{self.port}/record"})
+            return web.Response(status=404, text="no")
+
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{self.port}"
+
+
+def test_push_route_hostile_urls_parallel_pushes_and_what_answers_may_carry(server, pusher):
+    from client import AvatarClient, free_port
+
+    async def run():
+        out = {}
+        stub = _Endpoints()
+        base = await stub.start()
+        async with AvatarClient(server.url) as b, AvatarClient(pusher.url) as a:
+            await asyncio.wait_for(asyncio.gather(a.first_video.wait(), b.first_video.wait()), 10)
+            await asyncio.sleep(0.5)  # the --whip_url push at connection has ended
+            await a.open_ws()
+            sid = a.sessionid
+            for name, url in (("bracket", "http://["), ("port", "https://h:99999/whip"),
+                              ("rtmp_port", "rtmp://h:abc/app/s"), ("rtmp_range", "rtmp://h:99999/a/b")):
+                out[name] = await a.post("/push", {"sessionid": sid, "url": url})
+            out["secret"] = await a.post("/push", {"sessionid": sid, "url": f"{base}/secret"})
+            out["plain"] = await a.post("/push", {"sessionid": sid, "url": f"{base}/plain"})
+            out["hop"] = await a.post("/push", {"sessionid": sid, "url": f"{base}/hop", "token": "tok"})
+            n0 = len(a.events_of("error"))
+            out["rtmp"] = await a.post("/push", {"sessionid": sid, "url": f"rtmp://127.0.0.1:{free_port()}/live/k"})
+            await asyncio.sleep(0.3)
+            out["rtmp_events"] = [e for e in a.events_of("error")[n0:] if e.get("source") == "rtmp_push"]
+            # Two pushes at once to B: one after the other, the second replaces the first.
+            target = f"{server.url}/whip/{b.sessionid}"
+            out["parallel"] = await asyncio.gather(*(a.post("/push", {"sessionid": sid, "url": target})
+                                                     for _ in range(2)))
+            out["stop"] = await a.post("/push", {"sessionid": sid, "stop": True})
+            probe, _ = await _publisher_offer()
+
+            async def free():
+                async with aiohttp.ClientSession() as http:
+                    async with http.post(target, data=probe.localDescription.sdp, headers=SDP) as r:
+                        out["freed"] = r.status
+                        if r.status == 201:
+                            async with http.delete(server.url + r.headers["Location"]):
+                                pass
+                return out["freed"] == 201
+
+            await wait_until(free, 5)
+            await probe.close()
+        await stub.runner.cleanup()
+        return out, stub.seen
+
+    out, seen = asyncio.run(run())
+    for name in ("bracket", "port", "rtmp_port", "rtmp_range"):
+        assert out[name]["code"] == -1 and "url" in out[name]["msg"], (name, out[name])
+    assert out["secret"]["code"] == -1 and "answered 403" in out["secret"]["msg"]
+    assert "SECRET" not in out["secret"]["msg"], "the endpoint's body stays in the server's log"
+    assert out["plain"]["code"] == -1 and "Content-Type" in out["plain"]["msg"], out["plain"]
+    assert ("/hop", "Bearer tok") in seen and ("/record", None) in seen, "the token stays with its origin"
+    assert out["rtmp"]["code"] == -1 and len(out["rtmp_events"]) == 1, out["rtmp_events"]
+    assert [r["code"] for r in out["parallel"]] == [0, 0], out["parallel"]
+    assert out["stop"]["stopped"] is True and out["freed"] == 201, "no push was left behind on B"
