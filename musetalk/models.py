@@ -48,6 +48,7 @@ __all__ = [
     "load_whisper_encoder",
     "load_models",
     "load_unet_folder",
+    "STUDENT_INFO_NAME",
     "load_vae_folder",
     "DecoderSwapVAE",
     "normalize_version",
@@ -83,6 +84,7 @@ PE_BASE = 10000.0
 # Distilled models (``python -m musetalk.distill``): diffusers ``save_pretrained`` folders.
 FOLDER_CONFIG_NAME = "config.json"
 FOLDER_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+STUDENT_INFO_NAME = "musetalk_student.json"  # in a distilled UNet folder: {"teacher_version": "v15"|"v1"}
 DISTILL_HINT = "write it with `python -m musetalk.distill` (README, 'A distilled MuseTalk')"
 
 DOWNLOAD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "download_weights.sh"
@@ -136,8 +138,9 @@ class MuseTalkPaths:
     Attributes:
         models_dir: the folder everything was found in.
         version: "v15" or "v1".
-        unet_config: ``musetalk.json`` (a diffusers UNet2DConditionModel config).
-        unet_weights: ``unet.pth`` (v1.5) or ``pytorch_model.bin`` (v1.0).
+        unet_config: ``musetalk.json`` (a diffusers UNet2DConditionModel config);
+            None when resolved without the UNet (``find_weights(..., unet=False)``).
+        unet_weights: ``unet.pth`` (v1.5) or ``pytorch_model.bin`` (v1.0); None likewise.
         vae_dir: the AutoencoderKL folder (``sd-vae`` or ``sd-vae-ft-mse``).
         vae_weights: its ``diffusion_pytorch_model.safetensors`` or ``.bin``.
         whisper: ``tiny.pt``, or a transformers ``pytorch_model.bin`` / ``model.safetensors``.
@@ -148,8 +151,8 @@ class MuseTalkPaths:
 
     models_dir: Path
     version: str
-    unet_config: Path
-    unet_weights: Path
+    unet_config: Path | None
+    unet_weights: Path | None
     vae_dir: Path
     vae_weights: Path
     whisper: Path
@@ -181,12 +184,13 @@ def normalize_version(version: str) -> str:
         raise ValueError(f"unknown MuseTalk version {version!r}; use one of {sorted(VERSIONS)}") from None
 
 
-def _layout(models_dir: Path, version: str) -> list[_Requirement]:
-    """The expected files of ``version`` under ``models_dir``, in message order."""
+def _layout(models_dir: Path, version: str, unet: bool = True) -> list[_Requirement]:
+    """The expected files of ``version`` under ``models_dir``, in message order
+    (without the UNet when ``unet`` is False)."""
     unet_dir, unet_name = UNET_LAYOUT[version]
     whisper = models_dir / WHISPER_DIR
     face = models_dir / FACE_PARSE_DIR
-    return [
+    layout = [
         _Requirement(
             "unet",
             f"UNet {_VERSION_LABEL[version]}",
@@ -227,6 +231,7 @@ def _layout(models_dir: Path, version: str) -> list[_Requirement]:
             required=False,
         ),
     ]
+    return [req for req in layout if unet or req.key != "unet"]
 
 
 def _file_problem(path: Path) -> str | None:
@@ -265,10 +270,11 @@ def _file_problem(path: Path) -> str | None:
     return "not a PyTorch checkpoint"
 
 
-def _check(models_dir: Path, version: str, overrides: dict[Path, str] | None = None):
+def _check(models_dir: Path, version: str, overrides: dict[Path, str] | None = None, unet: bool = True):
     """Resolve the layout. Returns (chosen files per requirement key, error or None).
 
-    ``overrides`` marks files that exist but failed to load (path -> reason).
+    ``overrides`` marks files that exist but failed to load (path -> reason);
+    ``unet`` False leaves the UNet out (a distilled one is loaded instead).
     """
     overrides = overrides or {}
     states: dict[Path, str | None] = {}
@@ -283,7 +289,7 @@ def _check(models_dir: Path, version: str, overrides: dict[Path, str] | None = N
     missing: list[Path] = []
     problems: dict[Path, str] = {}
     failed = False
-    for req in _layout(models_dir, version):
+    for req in _layout(models_dir, version, unet):
         pick = None
         for option in req.options:
             files = [next((p for p in slot if state(p) is None), None) for slot in option]
@@ -330,14 +336,17 @@ def _check(models_dir: Path, version: str, overrides: dict[Path, str] | None = N
     return chosen, MissingWeightsError(message, missing, problems)
 
 
-def find_weights(models_dir: Path | str, version: str = "v15") -> MuseTalkPaths:
+def find_weights(models_dir: Path | str, version: str = "v15", unet: bool = True) -> MuseTalkPaths:
     """Resolve the released weight files of ``version`` under ``models_dir``.
 
     Args:
         models_dir: the ``models/`` folder.
         version: "v15"/"v1.5" or "v1"/"v10"/"v1.0".
+        unet: False when a distilled UNet replaces the released one
+            (``--musetalk_unet``): its files are then neither required nor checked.
     Returns:
-        MuseTalkPaths with absolute paths; optional face-parsing files None if absent.
+        MuseTalkPaths with absolute paths; optional face-parsing files None if
+        absent; ``unet_config``/``unet_weights`` None when ``unet`` is False.
     Raises:
         ValueError: unknown version.
         MissingWeightsError: a required file is missing, or any expected file is
@@ -346,15 +355,15 @@ def find_weights(models_dir: Path | str, version: str = "v15") -> MuseTalkPaths:
     """
     version = normalize_version(version)
     models_dir = Path(models_dir).expanduser().resolve()
-    chosen, error = _check(models_dir, version)
+    chosen, error = _check(models_dir, version, unet=unet)
     if error is not None:
         raise error
-    unet, vae, whisper = chosen["unet"], chosen["vae"], chosen["whisper"]
+    unet_files, vae, whisper = chosen.get("unet") or (None, None), chosen["vae"], chosen["whisper"]
     return MuseTalkPaths(
         models_dir=models_dir,
         version=version,
-        unet_config=unet[0],
-        unet_weights=unet[1],
+        unet_config=unet_files[0],
+        unet_weights=unet_files[1],
         vae_dir=vae[0].parent,
         vae_weights=vae[1],
         whisper=whisper[-1],
@@ -366,7 +375,7 @@ def find_weights(models_dir: Path | str, version: str = "v15") -> MuseTalkPaths:
 
 def _weights_error(paths: MuseTalkPaths, path: Path, reason: str) -> MissingWeightsError:
     """The full-layout error with ``path`` marked bad for ``reason``."""
-    _, error = _check(paths.models_dir, paths.version, {path: reason})
+    _, error = _check(paths.models_dir, paths.version, {path: reason}, unet=paths.unet_weights is not None)
     return error
 
 
@@ -427,6 +436,8 @@ def load_unet(paths: MuseTalkPaths, device: torch.device | str = "cpu", dtype: t
     """
     from diffusers import UNet2DConditionModel
 
+    if paths.unet_config is None or paths.unet_weights is None:
+        raise ValueError("these paths were resolved without the UNet (find_weights(..., unet=False))")
     config = json.loads(paths.unet_config.read_text())
     kind = config.get("_class_name", "UNet2DConditionModel")
     channels = (config.get("in_channels"), config.get("out_channels"))
@@ -650,12 +661,16 @@ def _load_state(path: Path) -> dict:
         raise _folder_error(path, f"cannot read weights: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
-def load_unet_folder(folder: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_unet_folder(folder: Path | str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                     version: str | None = None):
     """A MuseTalk-compatible UNet from a diffusers folder (``--musetalk_unet``).
 
     The folder is what ``UNet2DConditionModel.save_pretrained`` writes (the
     distilled student of ``python -m musetalk.distill``): ``config.json`` +
-    ``diffusion_pytorch_model.safetensors`` (or ``.bin``). Like :func:`load_unet`,
+    ``diffusion_pytorch_model.safetensors`` (or ``.bin``), and from the distiller
+    :data:`STUDENT_INFO_NAME` naming the teacher's version: with ``version``
+    given ("v15"/"v1", the server's ``--musetalk_version``) the two must agree,
+    since the student learnt that version's crops. Like :func:`load_unet`,
     the model is built on the meta device and the weights are loaded strictly.
 
     Returns:
@@ -663,11 +678,21 @@ def load_unet_folder(folder: Path | str, device: torch.device | str = "cpu", dty
         in ``dtype``: (B, 8, 32, 32), t = 0, (B, 50, 384) -> ``.sample`` (B, 4, 32, 32).
     Raises:
         MissingWeightsError: missing/unreadable files, a config that is not an
-            8 -> 4 channel UNet2DConditionModel, or weights that do not match it.
+            8 -> 4 channel UNet2DConditionModel, weights that do not match it, or
+            a student of another MuseTalk version than ``version``.
     """
     from diffusers import UNet2DConditionModel
 
     config_path, weights, config = _folder_files(folder, "UNet")
+    info_path = config_path.parent / STUDENT_INFO_NAME
+    if version is not None and info_path.is_file():
+        try:
+            teacher_version = json.loads(info_path.read_text()).get("teacher_version")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise _folder_error(info_path, f"unreadable: {exc}"[:300]) from exc
+        if teacher_version is not None and normalize_version(teacher_version) != normalize_version(version):
+            raise _folder_error(info_path, f"this UNet was distilled from MuseTalk {teacher_version}, but "
+                                           f"{normalize_version(version)} is in use (--musetalk_version)")
     kind = config.get("_class_name", "UNet2DConditionModel")
     channels = (config.get("in_channels"), config.get("out_channels"))
     if kind != "UNet2DConditionModel" or channels != (UNET_IN_CHANNELS, UNET_OUT_CHANNELS):
@@ -817,7 +842,8 @@ def load_models(
             on CUDA, float32 otherwise. The Whisper encoder is float32 whatever it is
             (see :class:`MuseTalkModels`).
         unet_dir: a distilled (student) UNet folder to use instead of the released
-            UNet (:func:`load_unet_folder`; ``--musetalk_unet``).
+            UNet (:func:`load_unet_folder`; ``--musetalk_unet``); the released
+            UNet's files are then not needed.
         vae_dir: a VAE folder whose decoder replaces the SD VAE's
             (:func:`load_vae_folder`; ``--musetalk_vae``).
     Raises:
@@ -825,12 +851,13 @@ def load_models(
         MissingWeightsError: missing or unreadable files, or a Whisper width that
             differs from the UNet's cross-attention width.
     """
-    paths = find_weights(models_dir, version)
+    paths = find_weights(models_dir, version, unet=unet_dir is None)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     start = time.perf_counter()
-    unet = load_unet(paths, device, dtype) if unet_dir is None else load_unet_folder(unet_dir, device, dtype)
+    unet = (load_unet(paths, device, dtype) if unet_dir is None
+            else load_unet_folder(unet_dir, device, dtype, paths.version))
     vae = load_vae(paths, device, dtype)
     if vae_dir is not None:
         vae = load_vae_folder(vae_dir, vae, device, dtype)
