@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 
 import torch
 from torch import nn
@@ -218,8 +217,3 @@ def tiny_vae_config(size: str = "full") -> dict:
                     num_decoder_blocks=[1, 1, 1, 1])
     raise ValueError(f"size must be 'full' or 'tiny', not {size!r}")
 
-
-def block_name(key: str) -> str:
-    """The stage a state-dict key belongs to (``down_blocks.1``, ``conv_in``...), for reports."""
-    m = re.match(r"((?:down|up)_blocks\.\d+|mid_block|[a-z_]+)", key)
-    return m.group(1) if m else key
