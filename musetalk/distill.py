@@ -23,8 +23,12 @@ One command, from the released weights and a folder of talking-head videos::
    teacher output) + ``--w_feat`` x sum over BK-SDM-Tiny's feature points of
    MSE(student, teacher) (forward hooks) + ``--w_rec`` x L1(student output, the
    ground-truth frame latent). A training sample: the masked latent of frame t,
-   the reference latent of another frame of the same clip, the audio window of t;
-   the target is frame t's own (unmasked) latent.
+   a reference latent, the audio window of t; the target is frame t's own
+   (unmasked) latent. The reference is frame t's own for a ``--same_reference``
+   fraction of samples (what the server feeds: an avatar frame with its own
+   reference) and another frame r != t of the clip for the rest (MuseTalk's
+   training pairs); the ground-truth L1 counts only the r != t samples (with
+   r = t the target is in the input), the KD losses every sample.
 3. **Tiny decoder**: diffusers' ``AutoencoderTiny`` (TAESD) decoder trained with
    pixel L1 against the SD VAE decoder on the same latents (the batch's
    ground-truth latents and the teacher's predictions: what the decoder sees when
@@ -34,12 +38,15 @@ One command, from the released weights and a folder of talking-head videos::
 Training: AdamW, gradient accumulation, bf16 autocast on CUDA (float32 on the
 CPU; the teacher runs in bf16 there too), gradient clipping. Every optimizer step
 appends a row of every loss to ``<out>/losses.csv``; ``--save_every`` steps write
-``<out>/checkpoints/step-NNNNNNN/`` (students, optimizer states); ``--resume``
-continues from the newest one, and the batch of step n depends only on
+``<out>/checkpoints/step-NNNNNNN/`` (students, optimizer states; the newest
+``--keep_checkpoints`` kept); a rerun continues from the newest one (at the
+rerun's learning rates; ``--no_resume`` sets the old run aside), and the batch of step n depends only on
 (``--seed``, n), so a resumed run follows the same loss curve. At the end the
 students are exported as ``<out>/unet`` and ``<out>/vae`` (diffusers
-``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.safetensors``),
-what ``--musetalk_unet`` / ``--musetalk_vae`` load.
+``save_pretrained``: ``config.json`` + ``diffusion_pytorch_model.safetensors``;
+``unet/musetalk_student.json`` names the teacher's version), what
+``--musetalk_unet`` / ``--musetalk_vae`` load (the teacher's ``unet.pth`` is then
+not needed).
 """
 
 from __future__ import annotations
@@ -74,7 +81,8 @@ SIDECAR_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opu
 CLIP_FILES = ("latents.npy", "audio.npy", "valid.npy")
 FEATURE_CHUNK_FRAMES = 25  # streaming feature windows computed 1 s (25 frames) at a time, like a live stream
 MAX_CLIP_SECONDS = 3600.0  # longest audio track decoded per clip
-LOSS_COLUMNS = ("step", "out_kd", "feat_kd", "rec_l1", "unet_total", "vae_l1", "lr", "seconds")
+LOSS_COLUMNS = ("step", "out_kd", "feat_kd", "rec_l1", "unet_total", "vae_l1", "lr", "vae_lr", "unet_grad_norm",
+                "vae_grad_norm", "seconds")
 UNET_DIR, VAE_DIR = "unet", "vae"
 TRAINER_STATE = "trainer.pt"
 
@@ -91,7 +99,7 @@ def find_videos(folder: Path) -> list[Path]:
 def clip_id(video: Path, root: Path) -> str:
     """A stable directory name for ``video``: its path relative to ``root`` with
     unsafe characters replaced, plus 8 hex digits of that path's SHA-1."""
-    rel = str(Path(video).resolve().relative_to(Path(root).resolve()))
+    rel = Path(video).relative_to(Path(root)).as_posix()  # not resolved: a symlinked video keeps its own name
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", rel.rsplit(".", 1)[0])[-60:].strip("_") or "clip"
     return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
@@ -142,7 +150,9 @@ class Preparer:
 
     vae: the SD ``AutoencoderKL``; whisper: the Whisper ``AudioEncoder``; version:
     "v15"/"v1"; extra_margin: pixels below the chin; max_frames / resize_height:
-    ``avatar.prepare_avatar``'s; batch_size: frames per VAE encode call.
+    ``avatar.prepare_avatar``'s; batch_size: frames per VAE encode call;
+    left_context_ms / right_context_ms / silence_tokens: the
+    ``StreamingFeatureExtractor``'s (default: the server's defaults).
     """
 
     vae: nn.Module
@@ -152,17 +162,39 @@ class Preparer:
     max_frames: int | None = None
     resize_height: int | None = None
     batch_size: int = 8
+    left_context_ms: float | None = None
+    right_context_ms: float | None = None
+    silence_tokens: int | None = None
+
+    def extractor(self):
+        """The ``StreamingFeatureExtractor`` every clip's audio goes through."""
+        from musetalk import audio_features as af
+
+        return af.StreamingFeatureExtractor(
+            self.whisper, self.version,
+            left_context_ms=af.DEFAULT_LEFT_CONTEXT_MS if self.left_context_ms is None else self.left_context_ms,
+            right_context_ms=af.DEFAULT_RIGHT_CONTEXT_MS if self.right_context_ms is None else self.right_context_ms,
+            silence_tokens=af.DEFAULT_SILENCE_TOKENS if self.silence_tokens is None else self.silence_tokens)
 
     def inputs(self) -> dict:
-        """The preparation inputs recorded with every clip (a change re-prepares it)."""
+        """The preparation inputs recorded with every clip (a change re-prepares it):
+        this module's, ``avatar``'s and ``musetalk.prepare``'s format versions, the
+        options, the VAE encoder's and the Whisper encoder's identities and the
+        feature extractor's context (in its own rounding) and silence tokens."""
+        import avatar as avatar_mod
+        from musetalk import prepare
         from musetalk.prepare import vae_identity
 
         h = hashlib.sha1()
         for tensor in (self.whisper.conv1.weight, self.whisper.ln_post.weight):
             h.update(tensor.detach().float().cpu().numpy().tobytes())
-        return {"format": DATA_FORMAT, "version": self.version, "extra_margin": self.extra_margin,
-                "max_frames": self.max_frames, "resize_height": self.resize_height,
-                "vae": vae_identity(self.vae), "whisper": h.hexdigest()}
+        ex = self.extractor()
+        return {"format": DATA_FORMAT, "avatar_format": avatar_mod.FORMAT_VERSION,
+                "musetalk_format": prepare.FORMAT_VERSION, "version": self.version,
+                "extra_margin": self.extra_margin, "max_frames": self.max_frames,
+                "resize_height": self.resize_height, "vae": vae_identity(self.vae), "whisper": h.hexdigest(),
+                "features": {"left": ex.left_features, "right": ex.right_features,
+                             "silence_tokens": ex.silence_tokens}}
 
     def prepare_clip(self, video: Path, cid: str, out: Path, scratch: Path) -> dict:
         """Prepare one clip into ``out`` (written atomically). Returns its manifest
@@ -172,7 +204,6 @@ class Preparer:
         import avatar as avatar_mod
         from audio import AudioDecodeError
         from clock import FRAME_SAMPLES, VIDEO_FPS
-        from musetalk.audio_features import StreamingFeatureExtractor
         from musetalk.prepare import prepare_musetalk
 
         try:
@@ -194,8 +225,7 @@ class Preparer:
         valid = mav.valid & (at25 < n25)
         if valid.sum() < 2:
             return {"status": "skipped", "reason": f"{int(valid.sum())} frame(s) with a face and audio (need 2)"}
-        extractor = StreamingFeatureExtractor(self.whisper, self.version)
-        windows = streaming_windows(extractor, pcm, n25)[np.minimum(at25, n25 - 1)]
+        windows = streaming_windows(self.extractor(), pcm, n25)[np.minimum(at25, n25 - 1)]
         tmp = out.with_name(f".{out.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -218,7 +248,8 @@ def prepare_dataset(videos: Path, data_dir: Path, preparer: Preparer) -> dict:
 
     A clip whose manifest entry matches its source (size, mtime) and the
     preparation inputs, with its files present, is not prepared again (skipped
-    clips are not retried either). Returns the manifest:
+    clips are not retried either); clips of videos no longer under ``videos`` are
+    dropped from the manifest; files under ``data_dir/clips`` of no manifest entry are deleted. Returns the manifest:
     ``{"inputs": {...}, "clips": {id: entry}, "counts": {"ok": n, "skipped": n}}``.
     Raises FileNotFoundError when ``videos`` has no video file.
     """
@@ -237,9 +268,9 @@ def prepare_dataset(videos: Path, data_dir: Path, preparer: Preparer) -> dict:
     clips = manifest.get("clips", {}) if manifest.get("inputs") == inputs else {}
     manifest = {"inputs": inputs, "videos": str(videos.resolve()), "clips": clips}
     reused = 0
-    with tqdm(files, desc="distill data", unit="clip") as bar:
-        for video in bar:
-            cid = clip_id(video, videos)
+    current = [clip_id(video, videos) for video in files]
+    with tqdm(list(zip(files, current)), desc="distill data", unit="clip") as bar:
+        for video, cid in bar:
             stat = video.stat()
             source = {"source": str(video.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             entry = clips.get(cid)
@@ -258,6 +289,11 @@ def prepare_dataset(videos: Path, data_dir: Path, preparer: Preparer) -> dict:
             _write_json(path, {**manifest, "counts": counts})
             bar.set_postfix(counts)
     shutil.rmtree(scratch, ignore_errors=True)
+    for cid in set(clips) - set(current):  # videos no longer under --videos: not trained on
+        del clips[cid]
+    for folder in (data_dir / "clips").iterdir():  # their files, and those of an interrupted clip
+        if folder.name not in clips:
+            shutil.rmtree(folder, ignore_errors=True)
     counts = {s: sum(e["status"] == s for e in clips.values()) for s in ("ok", "skipped")}
     manifest["counts"] = counts
     _write_json(path, manifest)
@@ -271,14 +307,21 @@ class DistillData:
 
     Batch ``(step, micro)`` is drawn by ``np.random.default_rng([seed, step, micro])``
     alone, so it is the same in a resumed run. Each sample: a random valid frame t
-    of a random clip (clips weighted by their valid frames), a reference frame r != t
-    of the same clip.
+    of a random clip (clips weighted by their valid frames) and a reference frame r
+    of the same clip: with probability ``same_reference`` r = t, what the server
+    feeds (``MuseTalkEngine`` pairs an avatar frame's masked latent with its own
+    reference latent), else r != t (MuseTalk's training pairs: the mouth cannot be
+    copied from the reference). Every sample serves the KD losses; only r != t
+    samples the ground-truth L1 (``rec``), since with r = t the target is in the input.
 
     Raises:
         FileNotFoundError: no prepared clip in ``data_dir``.
     """
 
-    def __init__(self, data_dir: Path, seed: int = 0) -> None:
+    def __init__(self, data_dir: Path, seed: int = 0, same_reference: float = 0.5) -> None:
+        if not 0 <= same_reference <= 1:
+            raise ValueError(f"same_reference must be in [0, 1], got {same_reference}")
+        self.same_reference = same_reference
         manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
         self.clips = []
         for cid, entry in sorted(manifest["clips"].items()):
@@ -297,18 +340,23 @@ class DistillData:
         self.audio_dim = int(self.clips[0][1].shape[2])
 
     def batch(self, step: int, micro: int, batch_size: int) -> dict[str, torch.Tensor]:
-        """``{"latents": (B, 8, 32, 32), "audio": (B, 50, d), "target": (B, 4, 32, 32)}`` float32 (CPU):
-        masked latent of t + reference latent of r; audio window of t; t's unmasked latent."""
+        """``{"latents": (B, 8, 32, 32), "audio": (B, 50, d), "target": (B, 4, 32, 32)}`` float32 and
+        ``"rec": (B,)`` bool (CPU): masked latent of t + reference latent of r; audio window of t;
+        t's unmasked latent; whether r != t (the sample counts in the ground-truth L1)."""
         rng = np.random.default_rng([self.seed, step, micro])
-        latents, audio, target = [], [], []
+        latents, audio, target, rec = [], [], [], []
         for c in rng.choice(len(self.clips), size=batch_size, p=self.weights):
             lat, aud, valid = self.clips[c]
             t, r = rng.choice(valid, size=2, replace=False)
+            if rng.random() < self.same_reference:
+                r = t
             latents.append(np.concatenate([lat[t, :4], lat[r, 4:]]))
             audio.append(aud[t])
             target.append(lat[t, 4:])
+            rec.append(r != t)
         as_tensor = lambda x: torch.from_numpy(np.stack(x).astype(np.float32))  # noqa: E731
-        return {"latents": as_tensor(latents), "audio": as_tensor(audio), "target": as_tensor(target)}
+        return {"latents": as_tensor(latents), "audio": as_tensor(audio), "target": as_tensor(target),
+                "rec": torch.tensor(rec, dtype=torch.bool)}
 
 
 # ---------------------------------------------------------------------------
@@ -396,8 +444,10 @@ class Distiller:
     def losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses of one micro-batch (scalars; ``unet_total`` and ``vae_l1`` carry gradients).
 
-        Keys: out_kd, feat_kd, rec_l1, unet_total (absent without a student UNet);
-        vae_l1 (absent without a tiny decoder).
+        ``batch``: :meth:`DistillData.batch`'s dict (without ``rec``: every sample
+        counts in the ground-truth L1). Keys: out_kd, feat_kd, rec_l1 (mean over the
+        batch of the per-sample L1, zero where ``rec`` is False), unet_total (absent
+        without a student UNet); vae_l1 (absent without a tiny decoder).
         """
         from musetalk.inference import VAE_SCALE
 
@@ -417,7 +467,9 @@ class Distiller:
                 out["out_kd"] = F.mse_loss(s_pred, t_pred)
                 out["feat_kd"] = sum(F.mse_loss(self._project(s, s_feats[s]).float(), t_feats[t].float())
                                      for s, t in self.pairs)
-                out["rec_l1"] = F.l1_loss(s_pred, target)
+                # mean over the batch, zero for r = t samples: micro-batches then add up to their union
+                rec = batch["rec"].to(dev) if "rec" in batch else torch.ones(len(target), dtype=torch.bool, device=dev)
+                out["rec_l1"] = ((s_pred - target).abs().mean(dim=(1, 2, 3)) * rec).mean()
                 w = self.weights
                 out["unet_total"] = w.out * out["out_kd"] + w.feat * out["feat_kd"] + w.rec * out["rec_l1"]
             if self.tiny is not None:
@@ -440,10 +492,36 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
 
 
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The complete ``<out>/checkpoints/step-N`` folders (trainer state written; not
+    an unfinished ``step-N.tmp``) as (N, folder), by N ascending."""
+    found = []
+    for folder in (Path(out) / "checkpoints").glob("step-*"):
+        m = _CHECKPOINT_NAME.fullmatch(folder.name)
+        if m and (folder / TRAINER_STATE).is_file():
+            found.append((int(m.group(1)), folder))
+    return sorted(found)
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete ``<out>/checkpoints/step-N`` (its trainer state written), or None."""
-    found = sorted((out / "checkpoints").glob("step-*/" + TRAINER_STATE))
-    return found[-1].parent if found else None
+    """The newest complete checkpoint folder (see :func:`checkpoints`), or None."""
+    found = checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def _set_aside(out: Path) -> None:
+    """``--no_resume``: an earlier run's checkpoints and loss log go to
+    ``checkpoints.previous`` / ``losses.previous.csv`` (replacing older ones), so
+    that this run neither resumes from nor prunes against them, nor mixes logs."""
+    for name, aside in (("checkpoints", "checkpoints.previous"), ("losses.csv", "losses.previous.csv")):
+        if (out / name).exists():
+            if (out / aside).is_dir():
+                shutil.rmtree(out / aside)
+            os.replace(out / name, out / aside)
+            log.warning("--no_resume: the earlier run's %s moved to %s", name, out / aside)
 
 
 def _save_checkpoint(out: Path, step: int, student, tiny, optimizers: dict, keep: int,
@@ -460,9 +538,10 @@ def _save_checkpoint(out: Path, step: int, student, tiny, optimizers: dict, keep
                 "projections": projections.state_dict() if projections is not None else {}}, tmp / TRAINER_STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep] if keep > 0 else []:
-        if old.suffix != ".tmp":
-            shutil.rmtree(old, ignore_errors=True)
+    for leftover in (out / "checkpoints").glob("step-*.tmp"):  # an interrupted save's
+        shutil.rmtree(leftover, ignore_errors=True)
+    for _, old in checkpoints(out)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -497,21 +576,17 @@ class TrainOptions:
     max_grad_norm: float = 1.0
     save_every: int = 1000
     keep_checkpoints: int = 2
-    seed: int = 0
     fixed_batch: bool = False
     resume: bool = True
-    train_unet: bool = True
-    train_vae: bool = True
-    weights: LossWeights = None  # type: ignore[assignment]
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    teacher_version: str | None = None  # "v15"/"v1": recorded with the exported UNet
 
 
-def build_students(teacher, teacher_state: dict | None, teacher_config: dict, device, train_unet: bool,
-                   train_vae: bool, tiny_size: str = "full", init_vae: Path | None = None, width: float = 1.0):
+def build_students(teacher, teacher_config: dict, device, train_unet: bool, train_vae: bool,
+                   tiny_size: str = "full", init_vae: Path | None = None, width: float = 1.0):
     """(student UNet or None, AutoencoderTiny or None, init report) in float32 on ``device``.
 
     The student UNet is built from :func:`musetalk.student.student_unet_config` (``width``) and
-    initialised from ``teacher_state`` (default: the teacher's own weights); the
+    initialised from the teacher's weights (:func:`musetalk.student.init_from_teacher`); the
     tiny decoder from ``init_vae`` (an AutoencoderTiny folder, e.g. TAESD) or at random.
     """
     from diffusers import AutoencoderTiny, UNet2DConditionModel
@@ -522,8 +597,7 @@ def build_students(teacher, teacher_state: dict | None, teacher_config: dict, de
     report: dict = {}
     if train_unet:
         student = UNet2DConditionModel.from_config(student_unet_config(teacher_config, width))
-        state = teacher_state if teacher_state is not None else teacher.state_dict()
-        init = init_from_teacher(student, state, teacher_config)
+        init = init_from_teacher(student, teacher.state_dict(), teacher_config)
         report["unet_init"] = init
         log.info("student UNet: %.1fM parameters (teacher %.1fM); of %d tensors %d copied from the teacher, "
                  "%d from its leading channels", sum(p.numel() for p in student.parameters()) / 1e6,
@@ -543,17 +617,24 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
     """Run (or resume) distillation to ``opts.steps`` optimizer steps.
 
     Writes ``<out>/losses.csv`` (one row per optimizer step, columns
-    :data:`LOSS_COLUMNS`, means over the accumulated micro-batches), checkpoints
-    every ``save_every`` steps and at the end, and exports ``<out>/unet`` and
-    ``<out>/vae``. Returns ``{"start_step", "steps", "last": last row}``.
+    :data:`LOSS_COLUMNS`: losses are means over the accumulated micro-batches;
+    ``lr``/``vae_lr`` the optimizers' rates used; grad norms before clipping),
+    checkpoints every ``save_every`` steps and at the end, and exports
+    ``<out>/unet`` and ``<out>/vae``. With ``opts.resume`` it continues from the
+    newest complete checkpoint, at the learning rates of ``opts`` (not the
+    checkpoint's); without, an earlier run's checkpoints and log are set aside
+    (``checkpoints.previous``, ``losses.previous.csv``). Returns
+    ``{"start_step", "steps", "last": last row}``.
 
     Raises:
-        ValueError: the newest checkpoint does not fit these students or optimizers.
+        ValueError: the newest checkpoint is unreadable or does not fit these
+            students or optimizers.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     student, tiny = distiller.student, distiller.tiny
     optimizers: dict[str, torch.optim.Optimizer] = {}
+    rates = {"unet": opts.lr, "vae": opts.vae_lr}
     if student is not None:
         optimizers["unet"] = torch.optim.AdamW([*student.parameters(), *distiller.projections.parameters()],
                                                lr=opts.lr, weight_decay=opts.weight_decay)
@@ -561,9 +642,15 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
         optimizers["vae"] = torch.optim.AdamW(tiny.decoder.parameters(), lr=opts.vae_lr,
                                               weight_decay=opts.weight_decay)
     start = 0
+    if not opts.resume:
+        _set_aside(out)
     ckpt = latest_checkpoint(out) if opts.resume else None
     if ckpt is not None:
-        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or foreign file: torch/pickle/zip raise many types
+            raise ValueError(f"checkpoint {ckpt} is unreadable ({type(e).__name__}: {str(e)[:200]}); delete that "
+                             f"folder to resume from the one before it, or use --no_resume") from e
         try:
             if student is not None:
                 _load_weights(student, ckpt / UNET_DIR)
@@ -572,10 +659,12 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
             distiller.projections.load_state_dict(state.get("projections", {}))
             for key, opt in optimizers.items():
                 opt.load_state_dict(state["optimizers"][key])
-        except (RuntimeError, KeyError, ValueError, OSError) as e:
+                for group in opt.param_groups:  # this run's options win over the checkpoint's
+                    group["lr"], group["weight_decay"] = rates[key], opts.weight_decay
+            start = int(state["step"])
+        except (RuntimeError, KeyError, ValueError, OSError, TypeError) as e:
             raise ValueError(f"checkpoint {ckpt} does not match these options (--train, --student_width, "
                              f"--tiny_size?): {str(e)[:300]}; use another --out or --no_resume") from e
-        start = int(state["step"])
         log.info("resumed from %s (step %d)", ckpt, start)
     log_path = out / "losses.csv"
     _trim_log(log_path, start)
@@ -596,32 +685,42 @@ def train(distiller: Distiller, data: DistillData, out: Path, opts: TrainOptions
                 (total / opts.grad_accum).backward()
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / opts.grad_accum
+            norms = {}
             for key, opt in optimizers.items():
-                if opts.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params[key], opts.max_grad_norm)
+                limit = opts.max_grad_norm if opts.max_grad_norm > 0 else float("inf")
+                norms[key] = float(torch.nn.utils.clip_grad_norm_(params[key], limit))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             done = step + 1
             last = {"step": done, **{k: sums.get(k, "") for k in LOSS_COLUMNS[1:6]},
-                    "lr": opts.lr, "seconds": round(time.perf_counter() - t_start, 4)}
+                    "lr": optimizers["unet"].param_groups[0]["lr"] if "unet" in optimizers else "",
+                    "vae_lr": optimizers["vae"].param_groups[0]["lr"] if "vae" in optimizers else "",
+                    "unet_grad_norm": norms.get("unet", ""), "vae_grad_norm": norms.get("vae", ""),
+                    "seconds": round(time.perf_counter() - t_start, 4)}
             writer.writerow(last)
             f.flush()
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in sums.items() if k in ("unet_total", "vae_l1")})
             if done % opts.save_every == 0 or done == opts.steps:
                 _save_checkpoint(out, done, student, tiny, optimizers, opts.keep_checkpoints, distiller.projections)
-    export(out, student, tiny)
+    export(out, student, tiny, opts.teacher_version)
     return {"start_step": start, "steps": opts.steps, "last": last}
 
 
-def export(out: Path, student, tiny) -> None:
-    """Write the students where the server loads them: ``<out>/unet``, ``<out>/vae``."""
+def export(out: Path, student, tiny, teacher_version: str | None = None) -> None:
+    """Write the students where the server loads them: ``<out>/unet``, ``<out>/vae``;
+    with ``teacher_version``, ``unet/`` also gets ``musetalk.models.STUDENT_INFO_NAME``
+    (``{"teacher_version": ...}``), which ``load_unet_folder`` checks against ``--musetalk_version``."""
+    from musetalk.models import STUDENT_INFO_NAME
+
     for model, name in ((student, UNET_DIR), (tiny, VAE_DIR)):
         if model is None:
             continue
         tmp = out / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         _save_folder(model, tmp)
+        if name == UNET_DIR and teacher_version is not None:
+            _write_json(tmp / STUDENT_INFO_NAME, {"teacher_version": teacher_version})
         shutil.rmtree(out / name, ignore_errors=True)
         os.replace(tmp, out / name)
 
@@ -656,13 +755,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=10000, help="optimizer steps in all (a resumed run continues to it)")
     g.add_argument("--batch_size", type=int, default=8, help="samples per micro-batch")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=5e-5, help="student UNet learning rate (AdamW; BK-SDM: 5e-5)")
-    g.add_argument("--vae_lr", type=float, default=1e-4, help="tiny decoder learning rate (AdamW)")
+    g.add_argument("--lr", type=float, default=5e-5,
+                   help="student UNet learning rate (AdamW; BK-SDM: 5e-5); a resumed run uses this one")
+    g.add_argument("--vae_lr", type=float, default=1e-4, help="tiny decoder learning rate (AdamW); likewise")
     g.add_argument("--weight_decay", type=float, default=1e-2)
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0: off)")
     g.add_argument("--w_out", type=float, default=1.0, help="weight of the output KD loss (MSE to the teacher)")
     g.add_argument("--w_feat", type=float, default=1.0, help="weight of the feature KD loss (BK-SDM-Tiny points)")
-    g.add_argument("--w_rec", type=float, default=1.0, help="weight of the L1 to the ground-truth frame latent")
+    g.add_argument("--w_rec", type=float, default=1.0,
+                   help="weight of the L1 to the ground-truth frame latent (averaged over the batch, zero for "
+                   "samples whose reference is their own frame)")
+    g.add_argument("--same_reference", type=float, default=0.5,
+                   help="fraction of samples whose reference latent is the frame itself, as the server feeds "
+                   "them (KD only); the others take another frame of the clip (KD and ground-truth L1)")
     g.add_argument("--student_width", type=float, default=1.0,
                    help="channel multiplier of the student UNet: 1.0 is BK-SDM-Tiny exactly (~1.7x fewer MACs "
                    "than the teacher at 32x32); 0.6 gives channels 192/384/768 (~4.4x fewer; feature KD through "
@@ -675,7 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="checkpoints kept (oldest deleted)")
-    g.add_argument("--no_resume", action="store_true", help="start from scratch even if OUT has checkpoints")
+    g.add_argument("--no_resume", action="store_true",
+                   help="start from scratch even if OUT has checkpoints (they and losses.csv are moved to "
+                   "OUT/checkpoints.previous and OUT/losses.previous.csv, replacing older ones)")
     g.add_argument("--fixed_batch", action="store_true", help="train on step 0's batch every step (a sanity check)")
     g.add_argument("--seed", type=int, default=0, help="seeds the batches and the students' initialisation")
     return p
@@ -689,8 +796,10 @@ def main(argv: list[str] | None = None) -> int:
         load_whisper_encoder
     from musetalk.prepare import VERSIONS
 
-    if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 1:
-        print("--steps >= 0, --batch_size, --grad_accum and --save_every >= 1", file=sys.stderr)
+    if args.steps < 0 or args.batch_size < 1 or args.grad_accum < 1 or args.save_every < 1 or not (
+            0 <= args.same_reference <= 1):
+        print("--steps >= 0, --batch_size, --grad_accum and --save_every >= 1, 0 <= --same_reference <= 1",
+              file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -707,11 +816,10 @@ def main(argv: list[str] | None = None) -> int:
         prepare_dataset(args.videos, data_dir, preparer)
         if args.prepare_only:
             return 0
-        del whisper
-        data = DistillData(data_dir, args.seed)
+        data = DistillData(data_dir, args.seed, args.same_reference)
         teacher_config = json.loads(paths.unet_config.read_text())
         teacher = load_unet(paths, device, torch.float32)
-        student, tiny, report = build_students(teacher, None, teacher_config, device, args.train != "vae",
+        student, tiny, report = build_students(teacher, teacher_config, device, args.train != "vae",
                                                args.train != "unet", args.tiny_size, args.init_vae,
                                                args.student_width)
         teacher = nn.Module.to(teacher, dtype=frozen_dtype)
@@ -724,9 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     distiller = Distiller(teacher, student, vae, tiny, pe, teacher_config, weights, autocast=precision == "bf16")
     opts = TrainOptions(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                         vae_lr=args.vae_lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, seed=args.seed,
-                        fixed_batch=args.fixed_batch, resume=not args.no_resume, weights=weights,
-                        precision=precision)
+                        save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+                        fixed_batch=args.fixed_batch, resume=not args.no_resume, teacher_version=paths.version)
     log.info("distilling on %s (%s): %d clips, %d frames; %d steps of %d x %d samples", device, precision,
              len(data.clips), data.frames, args.steps, args.batch_size, args.grad_accum)
     try:

@@ -7,6 +7,8 @@ frame with a tone when ../shared is absent), plus a clip without a face.
 """
 
 import json
+import os
+import shutil
 
 import av
 import numpy as np
@@ -16,15 +18,17 @@ import torch
 from conftest import SHARED_MEDIA, tone
 from musetalk.checkpoints import unet_config, write_models
 from musetalk.distill import (
-    LOSS_COLUMNS, DistillData, Distiller, LossWeights, TrainOptions, build_students, main, read_log, train,
+    LOSS_COLUMNS, DistillData, Distiller, LossWeights, Preparer, TrainOptions, build_students, clip_audio, clip_id,
+    main, prepare_dataset, read_log, streaming_windows, train,
 )
 from musetalk.models import (
     AudioPositionalEncoding, DecoderSwapVAE, MissingWeightsError, find_weights, load_unet, load_unet_folder,
-    load_vae, load_vae_folder,
+    load_vae, load_vae_folder, load_whisper_encoder,
 )
-from musetalk.student import feature_channels, feature_pairs, student_unet_config, teacher_key
+from musetalk.student import feature_channels, feature_pairs, init_from_teacher, student_unet_config, teacher_key
 
 CLIP_FRAMES = 12
+CLIP_FPS = 30  # not the server's 25 fps: frame i's audio window is the 25 fps window round(i * 25 / 30)
 STEPS = 100  # optimizer steps on the fixed batch; each loss must fall >= FALL x (measured at 100: 4.5x-100x)
 FALL = 3
 AUDIO_DIM = 32  # the tiny checkpoints' Whisper width = cross_attention_dim
@@ -90,7 +94,7 @@ def workdir(tmp_path_factory):
     videos = tmp / "videos"
     (videos / "sub").mkdir(parents=True)
     frames, pcm = _talking_clip()
-    _write_clip(videos / "talk.mp4", frames, pcm)
+    _write_clip(videos / "talk.mp4", frames, pcm, fps=CLIP_FPS)
     _write_clip(videos / "sub" / "noface.mp4", [np.full((128, 128, 3), 90, np.uint8)] * 4, pcm[:2560])
     assert main(["--videos", str(videos), "--models_dir", str(tmp / "models"), "--out", str(tmp / "out"),
                  "--prepare_only"]) == 0
@@ -112,17 +116,82 @@ def test_prepared_data_skips_faceless_clips_and_resumes(workdir):
     assert "face" in skipped["reason"] and skipped["source"].endswith("noface.mp4")
     assert ok["frames"] == CLIP_FRAMES and ok["valid"] >= CLIP_FRAMES - 1
     data = DistillData(data_dir)
-    batch = data.batch(3, 0, 4)
-    assert batch["latents"].shape == (4, 8, 32, 32) and batch["audio"].shape == (4, 50, AUDIO_DIM)
-    assert batch["target"].shape == (4, 4, 32, 32)
-    assert torch.equal(batch["latents"], data.batch(3, 0, 4)["latents"])  # a step's batch is reproducible
+    batch = data.batch(3, 0, 16)
+    assert batch["latents"].shape == (16, 8, 32, 32) and batch["audio"].shape == (16, 50, AUDIO_DIM)
+    assert batch["target"].shape == (16, 4, 32, 32)
+    assert torch.equal(batch["latents"], data.batch(3, 0, 16)["latents"])  # a step's batch is reproducible
     assert float(batch["audio"].abs().mean()) > 0  # features of the clip's own audio track
-    # a second run finds everything done: nothing is prepared again
+    # some samples are what the server feeds (the frame's own reference: no ground-truth L1 on them),
+    # the others take another frame's reference
+    own = (batch["latents"][:, 4:] == batch["target"]).flatten(1).all(1)
+    assert torch.equal(own, ~batch["rec"]) and 0 < int(own.sum()) < 16
+    assert (DistillData(data_dir, same_reference=1.0).batch(3, 0, 4)["latents"][:, 4:]
+            == data.batch(3, 0, 4)["target"]).all()
+    # each frame of the 30 fps clip has the server's streaming window of its time (25 fps frame i * 25 / 30)
+    (cid,) = [c for c, e in manifest["clips"].items() if e["status"] == "ok"]
+    assert ok["fps"] == CLIP_FPS
+    preparer = Preparer(None, load_whisper_encoder(find_weights(workdir / "models")), "v15", 10)
+    pcm = clip_audio(workdir / "videos" / "talk.mp4")
+    windows = streaming_windows(preparer.extractor(), pcm, -(-len(pcm) // 640))
+    stored = np.load(data_dir / "clips" / cid / "audio.npy").astype(np.float32)
+    want = windows[np.round(np.arange(CLIP_FRAMES) * 25 / CLIP_FPS).astype(int)]
+    np.testing.assert_allclose(stored, want, rtol=2e-3, atol=2e-3)
+    assert not np.allclose(stored[-1], windows[CLIP_FRAMES - 1], rtol=2e-3, atol=2e-3)  # not frame-for-frame
+    # a second run after an interruption (the noface clip's entry never written, a half-written
+    # clip folder left) with a video deleted since: only the missing clip is prepared again, and
+    # the deleted video's clip is dropped (not trained on)
     stamp = {p.name: p.stat().st_mtime_ns for p in (data_dir / "clips").rglob("*.npy")}
+    skipped_id = next(c for c, e in manifest["clips"].items() if e["status"] == "skipped")
+    gone = dict(manifest["clips"][cid], source=str(workdir / "videos" / "deleted.mp4"))
+    interrupted = {**manifest, "clips": {cid: manifest["clips"][cid], "deleted-0123abcd": gone}}
+    (data_dir / "manifest.json").write_text(json.dumps(interrupted))
+    shutil.copytree(data_dir / "clips" / cid, data_dir / "clips" / "deleted-0123abcd")
+    (data_dir / "clips" / f".{skipped_id}.tmp").mkdir()
     assert main(["--videos", str(workdir / "videos"), "--models_dir", str(workdir / "models"),
                  "--out", str(workdir / "out"), "--prepare_only"]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (data_dir / "clips").rglob("*.npy")} == stamp
-    assert json.loads((data_dir / "manifest.json").read_text())["clips"] == manifest["clips"]
+    assert sorted(p.name for p in (data_dir / "clips").iterdir()) == [cid]
+    again = json.loads((data_dir / "manifest.json").read_text())
+    assert again["clips"][cid] == manifest["clips"][cid] and set(again["clips"]) == set(manifest["clips"])
+    assert again["clips"][skipped_id]["reason"] == manifest["clips"][skipped_id]["reason"]
+    assert again["counts"] == {"ok": 1, "skipped": 1}
+
+
+def test_clip_ids_of_symlinked_videos_and_what_the_data_cache_key_covers(workdir, tmp_path, teacher):
+    # a symlinked video is named by its link (its target may lie anywhere)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    os.symlink(workdir / "videos" / "talk.mp4", videos / "linked.mp4")
+    assert clip_id(videos / "linked.mp4", videos).startswith("linked-")
+    # the cache key changes with the feature extractor's settings and the VAE encoder
+    whisper = load_whisper_encoder(find_weights(workdir / "models"))
+    base = Preparer(teacher[1], whisper, "v15", 10)
+    assert Preparer(teacher[1], whisper, "v15", 10, silence_tokens=8).inputs() != base.inputs()
+    assert Preparer(teacher[1], whisper, "v15", 10, left_context_ms=400).inputs() != base.inputs()
+    other_vae = load_vae(find_weights(workdir / "models"))
+    with torch.no_grad():
+        other_vae.encoder.conv_in.weight.mul_(1.5)
+    assert Preparer(other_vae, whisper, "v15", 10).inputs()["vae"] != base.inputs()["vae"]
+
+
+def test_another_vae_prepares_the_data_again(workdir, tmp_path):
+    """The cached latents are the VAE's: data prepared with one is not reused with another."""
+    paths = find_weights(workdir / "models")
+    whisper = load_whisper_encoder(paths)
+    shutil.copytree(workdir / "out" / "data", tmp_path / "data")
+    (tmp_path / "videos").mkdir()
+    os.symlink(workdir / "videos" / "talk.mp4", tmp_path / "videos" / "talk.mp4")
+    (cid,) = os.listdir(tmp_path / "data" / "clips")
+    before = np.load(tmp_path / "data" / "clips" / cid / "latents.npy")
+    same = Preparer(load_vae(paths), whisper, "v15", 10)
+    assert prepare_dataset(tmp_path / "videos", tmp_path / "data", same)["clips"][cid]["status"] == "ok"
+    assert np.array_equal(np.load(tmp_path / "data" / "clips" / cid / "latents.npy"), before)  # reused
+    other_vae = load_vae(paths)
+    with torch.no_grad():
+        other_vae.encoder.conv_in.weight.mul_(1.5)
+    prepare_dataset(tmp_path / "videos", tmp_path / "data", Preparer(other_vae, whisper, "v15", 10))
+    after = np.load(tmp_path / "data" / "clips" / cid / "latents.npy")
+    assert after.shape == before.shape and not np.allclose(after, before, atol=1e-3)
 
 
 class _FixedCrop:
@@ -144,7 +213,7 @@ class _FixedCrop:
 def _distiller(teacher, weights=LossWeights(), width=1.0):
     unet, vae, config = teacher
     torch.manual_seed(0)
-    student, tiny, report = build_students(unet, None, config, "cpu", True, True, tiny_size="tiny", width=width)
+    student, tiny, report = build_students(unet, config, "cpu", True, True, tiny_size="tiny", width=width)
     return Distiller(unet, student, vae, tiny, AudioPositionalEncoding(AUDIO_DIM), config, weights), report
 
 
@@ -152,7 +221,7 @@ def test_every_distillation_loss_falls_on_a_fixed_batch(workdir, teacher, tmp_pa
     distiller, report = _distiller(teacher)
     assert report["unet_init"]["copied"] > 0.9 * report["unet_init"]["total"]  # BK-SDM init from the teacher
     data = _FixedCrop(DistillData(workdir / "out" / "data"), teacher[0], distiller.pe)
-    opts = TrainOptions(steps=STEPS, batch_size=2, lr=1e-3, vae_lr=3e-3, save_every=1000, weights=LossWeights())
+    opts = TrainOptions(steps=STEPS, batch_size=2, lr=1e-3, vae_lr=3e-3, save_every=1000)
     train(distiller, data, tmp_path, opts)
     distiller.close()
     rows = read_log(tmp_path / "losses.csv")
@@ -165,16 +234,21 @@ def test_every_distillation_loss_falls_on_a_fixed_batch(workdir, teacher, tmp_pa
     assert (tmp_path / "vae" / "config.json").is_file()
 
 
+class _Small:
+    """Real varying batches, cropped to 8x8 latents for speed."""
+
+    def __init__(self, data_dir):
+        self.data = DistillData(data_dir)
+
+    def batch(self, step, micro, batch_size):
+        b = self.data.batch(step, micro, batch_size)
+        return {**b, "latents": b["latents"][:, :, 16:24, 12:20], "target": b["target"][:, :, 16:24, 12:20]}
+
+
 @pytest.mark.parametrize("width", [1.0, 0.5])
 def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(workdir, teacher, tmp_path, width):
     """Also for a narrower student, whose feature KD goes through trained 1x1 projections."""
-    data = DistillData(workdir / "out" / "data")
-
-    class Small:  # real varying batches, cropped for speed
-        def batch(self, step, micro, batch_size):
-            b = data.batch(step, micro, batch_size)
-            return {"latents": b["latents"][:, :, 16:24, 12:20], "audio": b["audio"],
-                    "target": b["target"][:, :, 16:24, 12:20]}
+    Small = lambda: _Small(workdir / "out" / "data")  # noqa: E731
 
     opts = dict(batch_size=2, grad_accum=2, lr=1e-3, vae_lr=3e-3, save_every=5)
     straight, _ = _distiller(teacher, width=width)
@@ -191,6 +265,99 @@ def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(workdir, teach
         np.testing.assert_allclose([r[loss] for r in b], [r[loss] for r in a], rtol=1e-4, err_msg=loss)
     for d in (straight, first, resumed):
         d.close()
+
+
+def test_no_resume_sets_another_run_aside_and_resume_skips_unfinished_checkpoints(workdir, teacher, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-0000050").mkdir(parents=True)  # another run's, further along
+    (out / "checkpoints" / "step-0000050" / "trainer.pt").write_bytes(b"an earlier run")
+    (out / "losses.csv").write_text(",".join(LOSS_COLUMNS) + "\n50" + "," * (len(LOSS_COLUMNS) - 1) + "\n")
+    data, opts = _Small(workdir / "out" / "data"), dict(batch_size=1, save_every=1, keep_checkpoints=2)
+    distiller, _ = _distiller(teacher)
+    train(distiller, data, out, TrainOptions(steps=2, lr=1e-3, vae_lr=2e-3, resume=False, **opts))
+    distiller.close()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001", "step-0000002"]
+    assert sorted(p.name for p in (out / "checkpoints.previous").iterdir()) == ["step-0000050"]
+    assert [r["step"] for r in read_log(out / "losses.csv")] == [1, 2]
+    assert [r["step"] for r in read_log(out / "losses.previous.csv")] == [50]
+    # a save interrupted mid-write is not resumed from; a new learning rate applies from the next step
+    (out / "checkpoints" / "step-0000009.tmp").mkdir()
+    (out / "checkpoints" / "step-0000009.tmp" / "trainer.pt").write_bytes(b"trunc")
+    distiller, _ = _distiller(teacher)
+    result = train(distiller, data, out, TrainOptions(steps=3, lr=5e-4, vae_lr=1e-3, **opts))
+    distiller.close()
+    assert result["start_step"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    rows = read_log(out / "losses.csv")
+    assert [(r["lr"], r["vae_lr"]) for r in rows] == [(1e-3, 2e-3), (1e-3, 2e-3), (5e-4, 1e-3)]
+    # an unreadable checkpoint is a clear error, not a traceback from torch.load
+    (out / "checkpoints" / "step-0000003" / "trainer.pt").write_bytes(b"trunc")
+    distiller, _ = _distiller(teacher)
+    with pytest.raises(ValueError, match="step-0000003 is unreadable"):
+        train(distiller, data, out, TrainOptions(steps=4, **opts))
+    distiller.close()
+
+
+def test_gradient_accumulation_adds_up_to_the_whole_batch(workdir, teacher, tmp_path):
+    """One step of 4 samples = one step of 2 x 2 micro-batches of the same samples (losses
+    and gradients), with some samples out of the ground-truth L1 (their own reference)."""
+    data = _Small(workdir / "out" / "data")
+    whole = data.batch(1, 0, 4)
+    assert 0 < int(whole["rec"].sum()) < 4
+
+    class Split:
+        def batch(self, step, micro, batch_size):
+            return {k: v[2 * micro : 2 * micro + batch_size] for k, v in whole.items()}
+
+    rows = []
+    for name, batch_size, accum in (("whole", 4, 1), ("split", 2, 2)):
+        distiller, _ = _distiller(teacher)
+        train(distiller, Split(), tmp_path / name, TrainOptions(steps=1, batch_size=batch_size, grad_accum=accum,
+                                                                save_every=10))
+        distiller.close()
+        rows.append(read_log(tmp_path / name / "losses.csv")[0])
+    for key in ("out_kd", "feat_kd", "rec_l1", "vae_l1", "unet_grad_norm", "vae_grad_norm"):
+        assert rows[0][key] > 0 and rows[1][key] == pytest.approx(rows[0][key], rel=1e-4), key
+
+
+def test_student_blocks_start_from_the_teacher_blocks_bk_sdm_tiny_names():
+    """BK-SDM-Tiny's initialisation (Nota-NetsPresso/BK-SDM, src/kd_train_text_to_image.py,
+    copy_weight_from_teacher "bk_tiny"): student up stage k <- teacher up stage k + 1, its pairs
+    0 and 1 <- the teacher's 0 and 2; down stages keep their pair 0; no mid-block."""
+    sd15 = unet_config("full")
+    for student, teacher in [
+        ("up_blocks.0.resnets.0.conv1.weight", "up_blocks.1.resnets.0.conv1.weight"),
+        ("up_blocks.0.resnets.1.conv1.weight", "up_blocks.1.resnets.2.conv1.weight"),
+        ("up_blocks.0.attentions.1.proj_in.weight", "up_blocks.1.attentions.2.proj_in.weight"),
+        ("up_blocks.0.upsamplers.0.conv.weight", "up_blocks.1.upsamplers.0.conv.weight"),
+        ("up_blocks.1.resnets.1.conv_shortcut.bias", "up_blocks.2.resnets.2.conv_shortcut.bias"),
+        ("up_blocks.2.attentions.0.norm.weight", "up_blocks.3.attentions.0.norm.weight"),
+        ("up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+         "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_k.weight"),
+        ("down_blocks.0.resnets.0.conv1.weight", "down_blocks.0.resnets.0.conv1.weight"),
+        ("down_blocks.2.attentions.0.proj_out.weight", "down_blocks.2.attentions.0.proj_out.weight"),
+        ("down_blocks.1.downsamplers.0.conv.weight", "down_blocks.1.downsamplers.0.conv.weight"),
+        ("conv_in.weight", "conv_in.weight"), ("time_embedding.linear_1.weight", "time_embedding.linear_1.weight"),
+    ]:
+        assert teacher_key(student, sd15) == teacher, student
+    # on real (tiny) tensors: the dropped middle pair's weights go nowhere, the kept ones are copied
+    from diffusers import UNet2DConditionModel
+
+    # SD's layout: two pairs per stage, the innermost two stages equally wide (so the first kept
+    # up stage sees the channels its teacher stage saw)
+    config = dict(unet_config("tiny"), layers_per_block=2, block_out_channels=[32, 64, 64])
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel.from_config(config)
+    student = UNet2DConditionModel.from_config(student_unet_config(config))
+    report = init_from_teacher(student, teacher.state_dict(), config)
+    assert report["kept_random"] == [] and report["copied"] == report["total"]
+    assert student.mid_block is None and not any(k.startswith("mid_block") for k in student.state_dict())
+    t, s = teacher.state_dict(), student.state_dict()
+    for s_key, t_key in (("up_blocks.0.resnets.1.conv1.weight", "up_blocks.1.resnets.2.conv1.weight"),
+                         ("up_blocks.1.attentions.1.proj_out.weight", "up_blocks.2.attentions.2.proj_out.weight"),
+                         ("down_blocks.1.attentions.0.proj_in.weight", "down_blocks.1.attentions.0.proj_in.weight")):
+        assert torch.equal(s[s_key], t[t_key]), s_key
+    assert not torch.equal(s["up_blocks.0.resnets.1.conv1.weight"], t["up_blocks.1.resnets.1.conv1.weight"])
 
 
 @pytest.fixture(scope="module")
@@ -217,6 +384,11 @@ def test_students_load_through_the_server_loaders(workdir, students, teacher):
 
     assert vae_identity(vae) == vae_identity(teacher[1])
     assert vae_identity(vae.tiny) != vae_identity(teacher[1])
+    # the student records its teacher's version: served with the other version's crops it is refused
+    assert json.loads((students / "unet" / "musetalk_student.json").read_text()) == {"teacher_version": "v15"}
+    load_unet_folder(students / "unet", version="v1.5")
+    with pytest.raises(MissingWeightsError, match="distilled from MuseTalk v15, but v1 is in use"):
+        load_unet_folder(students / "unet", version="v1")
     with pytest.raises(MissingWeightsError, match="diffusion_pytorch_model.safetensors"):
         load_unet_folder(workdir / "videos")
     with pytest.raises(MissingWeightsError, match="not a MuseTalk UNet"):
@@ -225,11 +397,14 @@ def test_students_load_through_the_server_loaders(workdir, students, teacher):
 
 def test_students_serve_the_end_to_end_musetalk_pipeline(workdir, students):
     """The server with --musetalk_unet/--musetalk_vae passes test_musetalk_e2e's own
-    end-to-end check (faces generated and pasted inside the crop box, idle untouched)."""
+    end-to-end check (faces generated and pasted inside the crop box, idle untouched),
+    from a models folder without the teacher UNet: the student is what runs."""
     import test_musetalk_e2e as e2e
     from client import ServerProcess
 
-    srv = ServerProcess(workdir, "--model", "musetalk", "--models_dir", str(workdir / "models"),
+    models = workdir / "served_models"
+    shutil.copytree(workdir / "models", models, ignore=shutil.ignore_patterns("musetalkV15"))
+    srv = ServerProcess(workdir, "--model", "musetalk", "--models_dir", str(models),
                         "--latency_mode", "balanced", "--parsing", "landmarks",
                         "--musetalk_unet", str(students / "unet"), "--musetalk_vae", str(students / "vae"))
     srv.workdir = workdir
@@ -237,6 +412,7 @@ def test_students_serve_the_end_to_end_musetalk_pipeline(workdir, students):
         e2e.test_musetalk_pipeline_pastes_faces_inside_the_crop_box(srv)
     finally:
         srv.stop()
+    assert f"(student from {students / 'unet'})" in srv.log.read_text()
 
 
 @pytest.mark.parametrize("width", [1.0, 0.6])
