@@ -272,7 +272,8 @@ class Front:
         return web.FileResponse(WEB_DIR / "index.html")
 
     async def status(self, request: web.Request) -> web.Response:
-        """The front's view plus each live worker's ``/status``."""
+        """The front's view plus each live worker's ``/status``; ``sessions`` gathers the
+        workers' sessions in single-process mode's shape."""
         async def one(w: Worker) -> tuple[Worker, Any]:
             try:
                 assert self.http is not None
@@ -283,8 +284,12 @@ class Front:
                 return w, {"error": type(e).__name__}
 
         answers = await asyncio.gather(*(one(w) for w in self.pool.live()))
+        sessions: dict[str, Any] = {}  # every worker's, as single-process mode lists them
+        for _, st in answers:
+            sessions.update(st.get("sessions") or {})
         return web.json_response({
             "mode": "workers",
+            "sessions": sessions,
             "sessions_per_worker": self.pool.capacity,
             "workers_lost": int(self.m_lost._value.get()),
             "restarts": self.pool.restarts,

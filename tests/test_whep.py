@@ -115,7 +115,7 @@ def test_whep_viewer_plays_the_session_and_delete_ends_only_the_viewer(server):
     assert min(audio) > 100, audio  # 20 ms frames over > 3 s
     assert deleted == 200 and again == 404
     assert gone, "a viewer whose peer went away is dropped without a DELETE"
-    assert alive >= 15, "the session's own peer kept receiving after both viewers left"
+    assert alive >= 18, f"the session's own peer kept receiving after both viewers left ({alive} frames in 1 s)"
 
 
 async def _run_viewers(server):
@@ -148,10 +148,10 @@ async def _run_viewers(server):
         async def viewer_gone():
             return await viewers[1].delete() == 404
 
-        frames = len(peer.received.video_t)
         gone = await wait_until(viewer_gone, 8)
-        await asyncio.sleep(0.5)
-        alive = len(peer.received.video_t) - frames
+        frames = len(peer.received.video_t)
+        await asyncio.sleep(1.0)
+        alive = len(peer.received.video_t) - frames  # frames in the second after the viewer went
         viewers[1].resource = None
         for v in viewers:
             await v.close()

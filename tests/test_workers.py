@@ -1,7 +1,9 @@
 """Workers mode (issue #10): sessions in Ray actors behind one front.
 
 The end-to-end tests of single-process mode run again here against a front with
-two workers (the ``server`` fixture below overrides conftest's). Then: a worker
+two workers (the ``server`` fixture below overrides conftest's), and the fMP4 ones
+against a keyed front (``keyed``: the streams are relayed, the tokens checked by the
+session's worker). Then: a worker
 killed with SIGKILL takes only its own session (410), the other keeps streaming,
 and a replacement takes new offers; and a Ray cluster of a head and two nodes on
 this machine (``ray.cluster_utils.Cluster``): sessions spread, removing a node frees
@@ -28,6 +30,11 @@ from test_e2e import (  # noqa: E402,F401
     test_interrupt_silences_within_200ms,
     test_speech_streams_with_moving_mouth_in_sync,
 )
+from test_fmp4 import KEY, test_stream_plays_in_sync_while_speaking, test_stream_refusals  # noqa: E402,F401
+from test_whep import (  # noqa: E402,F401
+    test_post_whep_without_a_session_id_starts_a_talking_session,
+    test_whep_viewer_plays_the_session_and_delete_ends_only_the_viewer,
+)
 from test_live_e2e import (  # noqa: E402,F401
     test_events_reach_sse_livetalking_sse_and_the_data_channel,
     test_interrupt_mid_stream_silences_fast_and_reports_what_was_received,
@@ -39,6 +46,15 @@ from test_live_e2e import (  # noqa: E402,F401
 def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("workers"), "--workers", "2", "--sessions_per_worker", "2",
                         "--max_upload_mb", "2", timeout=180)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    """A workers-mode server with an API key (for test_fmp4's relayed streams and refusals)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("workers-keyed"), "--workers", "2", "--sessions_per_worker", "1",
+                        "--api_key", KEY, "--stream_max_readers", "2", timeout=180)
     yield srv
     srv.stop()
 
