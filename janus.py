@@ -13,8 +13,11 @@ answers ``{"code": 0, "room", "feed"}`` (``feed``: the publisher id subscribers 
 ``room``: the one given, created when missing, or a new one); ``url`` defaults to
 ``--janus_url``. ``POST /janus {"sessionid", "stop": true}`` unpublishes. A session
 has at most one Janus publication; it ends with the session. Failures (Janus
-unreachable, a refusal, ``JANUS_TIMEOUT_S`` without an answer) are answered ``502``
-and published as ``error`` events (``"source": "janus"``). Set-up: docs/deploy.md.
+unreachable, a refusal, ``JANUS_TIMEOUT_S`` without an answer to a request) are
+answered ``502`` and published as ``error`` events (``"source": "janus"``); the
+message names Janus' error code, its own words go to the log only (the URL may be
+a client's choice). A room created for a publication is destroyed when it ends
+(unless another publisher uses it). Set-up: docs/deploy.md.
 
 :class:`JanusSession` and :class:`JanusSubscriber` are also the subscriber side used by
 the tests and benchmarks (``client.JanusViewer``); :class:`JanusProcess` runs a
@@ -37,6 +40,7 @@ import aiohttp
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
+import wish
 from api import HTTPError, ok, read_json
 from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint
 
@@ -73,29 +77,50 @@ class JanusSession:
         return secrets.token_hex(8)
 
     async def _post(self, url: str, message: dict) -> dict:
+        """POST ``message``; its JSON object answer (each request within JANUS_TIMEOUT_S).
+
+        Raises:
+            JanusError: unreachable, no answer in time, an answer that is not a JSON
+                object, or a Janus ``error`` (its code in the message; Janus' own
+                words only in the log: the URL may be a client's choice).
+        """
         assert self.http is not None
         try:
-            async with self.http.post(url, json=message) as r:
+            async with self.http.post(url, json=message, timeout=aiohttp.ClientTimeout(total=JANUS_TIMEOUT_S)) as r:
                 data = await r.json(content_type=None)
         except (aiohttp.ClientError, OSError, ValueError) as e:
             raise JanusError(f"Janus at {self.root[:80]} unreachable: {str(e)[:160] or type(e).__name__}") from e
         except TimeoutError as e:
             raise JanusError(f"Janus at {self.root[:80]} did not answer within {JANUS_TIMEOUT_S:g} s") from e
+        if not isinstance(data, dict):
+            raise JanusError(f"{self.root[:80]} answered {type(data).__name__} JSON, not a Janus message")
         if data.get("janus") == "error":
-            raise JanusError(f"Janus refused: {data.get('error', {}).get('reason', data)}")
+            error = data.get("error")
+            log.info("Janus at %s refused %r: %.300r", self.root[:80], message.get("janus"), error)
+            code = error.get("code") if isinstance(error, dict) else None
+            raise JanusError(f"Janus refused {message.get('janus')!r} (error {str(code)[:12]})")
         return data
+
+    @staticmethod
+    def _id(data: dict) -> int:
+        """The ``data.id`` of a ``create``/``attach`` answer. Raises JanusError."""
+        inner = data.get("data")
+        ident = inner.get("id") if isinstance(inner, dict) else None
+        if type(ident) is not int:
+            raise JanusError("Janus answered without a session or handle id")
+        return ident
 
     async def create(self) -> None:
         """Create the Janus session and start its long poll. Raises JanusError."""
-        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JANUS_TIMEOUT_S + POLL_S))
+        self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=JANUS_TIMEOUT_S))
         data = await self._post(self.root, {"janus": "create", "transaction": self._transaction()})
-        self.url = f"{self.root}/{data['data']['id']}"
+        self.url = f"{self.root}/{self._id(data)}"
         self._poll = asyncio.ensure_future(self._long_poll())
 
     async def attach(self, plugin: str = VIDEOROOM) -> str:
-        """Attach ``plugin``; returns the handle's URL."""
+        """Attach ``plugin``; returns the handle's URL. Raises JanusError."""
         data = await self._post(self.url, {"janus": "attach", "plugin": plugin, "transaction": self._transaction()})
-        return f"{self.url}/{data['data']['id']}"
+        return f"{self.url}/{self._id(data)}"
 
     async def request(self, handle: str, body: dict, jsep: dict | None = None) -> tuple[dict, dict | None]:
         """A plugin request; returns (plugin data, jsep or None) of its answer, waiting
@@ -116,15 +141,22 @@ class JanusSession:
                     raise JanusError(f"Janus did not answer {body.get('request')!r} within {JANUS_TIMEOUT_S:g} s") from e
         finally:
             self._waiting.pop(transaction, None)
-        plugin = data.get("plugindata", {}).get("data", {})
+        plugindata = data.get("plugindata")
+        plugin = plugindata.get("data") if isinstance(plugindata, dict) else None
+        jsep = data.get("jsep")
+        if not isinstance(plugin, dict) or not (jsep is None or isinstance(jsep, dict)):
+            raise JanusError(f"Janus answered {body.get('request')!r} without plugin data")
         if "error" in plugin:
-            raise JanusError(f"Janus VideoRoom: {plugin['error']} (code {plugin.get('error_code')})")
-        return plugin, data.get("jsep")
+            log.info("Janus VideoRoom refused %r: %.300r", body.get("request"), plugin["error"])
+            raise JanusError(f"Janus VideoRoom refused {body.get('request')!r} "
+                             f"(error_code {str(plugin.get('error_code'))[:12]})")
+        return plugin, jsep
 
     async def _long_poll(self) -> None:
         while not self.closed:
             try:
-                async with self.http.get(self.url, params={"maxev": 10, "rid": int(time.time() * 1000)}) as r:
+                async with self.http.get(self.url, params={"maxev": 10, "rid": int(time.time() * 1000)},
+                                         timeout=aiohttp.ClientTimeout(total=POLL_S + JANUS_TIMEOUT_S)) as r:
                     events = await r.json(content_type=None)
             except asyncio.CancelledError:
                 raise
@@ -133,7 +165,8 @@ class JanusSession:
                 await asyncio.sleep(1.0)
                 continue
             for event in events if isinstance(events, list) else [events]:
-                waiter = self._waiting.get(event.get("transaction", ""))
+                transaction = event.get("transaction") if isinstance(event, dict) else None
+                waiter = self._waiting.get(transaction) if isinstance(transaction, str) else None
                 if waiter is not None and not waiter.done():
                     waiter.set_result(event)
 
@@ -153,17 +186,17 @@ class JanusSession:
             await self.http.close()
 
 
-async def ensure_room(janus: JanusSession, handle: str, room: int | None) -> int:
+async def ensure_room(janus: JanusSession, handle: str, room: int | None) -> tuple[int, bool]:
     """``room`` if it exists, else created (a new random id when None). Opus and VP8,
-    the codecs aiortc sends."""
+    the codecs aiortc sends. Returns (room, created by us). Raises JanusError."""
     if room is not None:
         exists, _ = await janus.request(handle, {"request": "exists", "room": room})
-        if exists.get("exists"):
-            return room
+        if exists.get("exists") is True:
+            return room, False
     room = room if room is not None else secrets.randbelow(2**31) + 1
     await janus.request(handle, {"request": "create", "room": room, "publishers": ROOM_PUBLISHERS,
                                  "audiocodec": "opus", "videocodec": "vp8", "bitrate": 0})
-    return room
+    return room, True
 
 
 class JanusPublisher:
@@ -177,6 +210,8 @@ class JanusPublisher:
         self.room: int | None = None
         self.feed: int | None = None
         self.stopped = False
+        self._handle: str | None = None
+        self._created_room = False  # ensure_room made self.room: stop() destroys it
 
     async def start(self, room: int | None) -> None:
         """Publish. Raises JanusError."""
@@ -184,8 +219,8 @@ class JanusPublisher:
         self.pc.addTransceiver(AvatarAudioTrack(self.session.worker, join), direction="sendonly")
         self.pc.addTransceiver(AvatarVideoTrack(self.session.worker, join), direction="sendonly")
         await self.janus.create()
-        handle = await self.janus.attach()
-        self.room = await ensure_room(self.janus, handle, room)
+        handle = self._handle = await self.janus.attach()
+        self.room, self._created_room = await ensure_room(self.janus, handle, room)
         await self.pc.setLocalDescription(await self.pc.createOffer())
         joined, jsep = await self.janus.request(
             handle,
@@ -212,9 +247,20 @@ class JanusPublisher:
             raise JanusError(f"the connection to Janus {self.pc.connectionState} (ICE: see docs/deploy.md)")
 
     async def stop(self) -> None:
+        """Unpublish (idempotent, never raises): a room we created is destroyed unless
+        another publisher uses it, the Janus session destroyed, the peer closed."""
         if self.stopped:
             return
         self.stopped = True
+        if self._created_room and self._handle is not None and not self.janus.closed:
+            try:
+                others, _ = await self.janus.request(self._handle, {"request": "listparticipants", "room": self.room})
+                participants = others.get("participants")
+                if isinstance(participants, list) and all(
+                        isinstance(p, dict) and p.get("id") == self.feed for p in participants):
+                    await self.janus.request(self._handle, {"request": "destroy", "room": self.room})
+            except JanusError as e:
+                log.info("Janus room %s not destroyed: %s", self.room, e)
         await self.janus.destroy()
         await self.pc.close()
         for sender in self.pc.getSenders():
@@ -246,29 +292,49 @@ class JanusSubscriber:
 
 
 class JanusFanout:
-    """The Janus publications of one server (at most one per session)."""
+    """The Janus publications of one server (at most one per session; publishes and
+    unpublishes of one session run one at a time)."""
 
     def __init__(self, server: Any) -> None:
         self.server = server
         self.by_session: dict[str, JanusPublisher] = {}
+        self.locks = wish.SessionLocks()
         self._watchdog: asyncio.Task | None = None
 
     async def publish(self, session: Any, url: str, room: int | None) -> JanusPublisher:
+        """Publish ``session`` (replacing its publication). Raises JanusError (also
+        published as an ``error`` event)."""
+        async with self.locks.hold(session.id):
+            return await self._publish(session, url, room)
+
+    async def _publish(self, session: Any, url: str, room: int | None) -> JanusPublisher:
         await self.unpublish(session.id)
         pub = JanusPublisher(session, url, self.server.ice_servers)
         self.by_session[session.id] = pub
         try:
             await pub.start(room)
-        except (JanusError, KeyError, TypeError, ValueError) as e:
-            self.by_session.pop(session.id, None)
-            await pub.stop()
-            msg = str(e) if isinstance(e, JanusError) else f"unexpected answer from Janus: {str(e)[:120]}"
+        except Exception as e:
+            if isinstance(e, JanusError):
+                msg = str(e)
+            elif isinstance(e, (KeyError, TypeError, ValueError)):
+                msg = f"unexpected answer from Janus: {type(e).__name__}"
+                log.info("session %s: unexpected answer from Janus: %r", session.id[:8], e)
+            else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
+                log.exception("session %s: publishing to Janus failed", session.id[:8])
+                msg = f"publishing to Janus failed: {type(e).__name__}"
+            await self._forget(session.id, pub)
             session.bus.publish({"type": "error", "msg": msg, "source": "janus"})
             raise JanusError(msg) from e
         log.info("session %s: published to Janus room %s as feed %s", session.id[:8], pub.room, pub.feed)
         if self._watchdog is None or self._watchdog.done():
             self._watchdog = asyncio.ensure_future(self._watch())
         return pub
+
+    async def _forget(self, session_id: str, pub: JanusPublisher) -> None:
+        """Stop ``pub`` and drop it from :attr:`by_session` if it is still the session's."""
+        if self.by_session.get(session_id) is pub:
+            del self.by_session[session_id]
+        await pub.stop()
 
     async def unpublish(self, session_id: str) -> bool:
         pub = self.by_session.pop(session_id, None)
@@ -285,24 +351,27 @@ class JanusFanout:
     async def _watch(self) -> None:
         while self.by_session:
             await asyncio.sleep(0.5)
+            ended = []
             for sid, pub in list(self.by_session.items()):
                 if pub.session.closed or pub.pc.connectionState == "failed":
                     if not pub.session.closed:
                         pub.session.bus.publish({"type": "error", "msg": "Janus publication: ICE failed",
                                                  "source": "janus"})
-                    await self.unpublish(sid)
+                    ended.append(self._forget(sid, pub))
+            await asyncio.gather(*ended)  # each may wait on Janus: together, not in turn
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /janus {sessionid, room?, url?}`` / ``{sessionid, stop: true}``."""
         body = await read_json(request, self.server.args.request_timeout)
         session = self.server.session(body, request)
         if body.get("stop"):
-            return ok(stopped=await self.unpublish(session.id))
+            async with self.locks.hold(session.id):  # after a publish under way
+                return ok(stopped=await self.unpublish(session.id))
         url = body.get("url") or self.server.args.janus_url
         if not url:
             raise HTTPError(400, "no Janus: give 'url' (its HTTP API, e.g. http://127.0.0.1:8088/janus) or start "
                                  "the server with --janus_url")
-        if not isinstance(url, str) or len(url) > 2048 or urlsplit(url).scheme not in ("http", "https"):
+        if not isinstance(url, str) or len(url) > 2048 or _scheme(url) not in ("http", "https"):
             raise HTTPError(400, "'url' must be Janus' http(s) API URL")
         room = body.get("room")
         if room is not None and (type(room) is not int or not 0 < room <= MAX_ROOM):
@@ -314,6 +383,16 @@ class JanusFanout:
         except JanusError as e:
             raise HTTPError(502, str(e)) from e
         return ok(room=pub.room, feed=pub.feed)
+
+
+def _scheme(url: str) -> str | None:
+    """The scheme of ``url``; None when it is not a URL (a bad host or port)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
+    except ValueError:
+        return None
+    return parts.scheme if parts.hostname else None
 
 
 def setup(app: web.Application, server: Any) -> None:

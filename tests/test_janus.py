@@ -99,6 +99,7 @@ def test_two_janus_subscribers_get_the_session_and_the_server_encodes_once(janus
             out["stop"] = await peer.post("/janus", {"sessionid": peer.sessionid, "stop": True})
             for v in viewers:
                 await v.close()
+            out["room_left"] = await _room_exists(gateway.url, published["room"])
         return out
 
     out = asyncio.run(run())
@@ -109,6 +110,20 @@ def test_two_janus_subscribers_get_the_session_and_the_server_encodes_once(janus
     # nothing. Loose here (a shared 2-core machine); bench/egress.py measures it.
     assert out["cpu_two"] <= out["cpu_one"] * 1.3 + 0.05, (out["cpu_one"], out["cpu_two"])
     assert out["stop"]["stopped"] is True
+    assert out["room_left"] is False, "the room created for the publication went with it"
+
+
+async def _room_exists(url: str, room: int) -> bool:
+    from janus import JanusSession
+
+    janus = JanusSession(url)
+    try:
+        await janus.create()
+        handle = await janus.attach()
+        exists, _ = await janus.request(handle, {"request": "exists", "room": room})
+        return exists.get("exists")
+    finally:
+        await janus.destroy()
 
 
 def test_janus_refusals(janus_server):
@@ -124,10 +139,76 @@ def test_janus_refusals(janus_server):
             return (await peer.post("/janus", {"sessionid": sid, "url": "http://127.0.0.1:9/janus"}),
                     await peer.post("/janus", {"sessionid": sid, "room": "lobby"}),
                     await peer.post("/janus", {"sessionid": sid, "url": "file:///etc/passwd"}),
+                    await peer.post("/janus", {"sessionid": sid, "url": "http://["}),
                     await peer.post("/janus", {"sessionid": sid, "stop": True}))
 
-    unreachable, room, scheme, stop = asyncio.run(run())
+    unreachable, room, scheme, bracket, stop = asyncio.run(run())
     assert unreachable["code"] == -1 and "unreachable" in unreachable["msg"]
     assert room["code"] == -1 and "positive integer" in room["msg"]
     assert scheme["code"] == -1 and "http" in scheme["msg"]
+    assert bracket["code"] == -1 and "http" in bracket["msg"], "a URL that is not one is a 400, not a 500"
     assert stop["stopped"] is False
+
+
+# -- JanusSession against a Janus that misbehaves (no janus needed) ---------------------------
+class _FakeJanus:
+    """Answers ``create`` with a session id, then per ``mode``: ``list`` (JSON that is
+    not an object), ``error`` (a Janus error whose words must not reach a client) or
+    ``slow`` (no answer for 1.5 s)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    async def start(self) -> str:
+        from aiohttp import web
+
+        async def post(request):
+            body = await request.json()
+            if body["janus"] == "create":
+                return web.json_response({"janus": "success", "data": {"id": 7}})
+            if self.mode == "list":
+                return web.json_response([1, 2])
+            if self.mode == "error":
+                return web.json_response({"janus": "error", "error": {"code": 458, "reason": "SECRET-WORDS"}})
+            await asyncio.sleep(1.5)
+            return web.json_response({"janus": "success", "data": {"id": 8}})
+
+        async def poll(request):
+            await asyncio.sleep(0.2)  # a short hold: the runner's clean-up waits for handlers under way
+            return web.json_response([])
+
+        app = web.Application()
+        app.router.add_post("/janus", post)
+        app.router.add_post("/janus/{sid}", post)
+        app.router.add_get("/janus/{sid}", poll)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/janus"
+
+
+@pytest.mark.parametrize("mode", ["list", "error", "slow"])
+def test_a_misbehaving_janus_is_a_janus_error_within_the_request_timeout(mode, monkeypatch):
+    import janus
+
+    monkeypatch.setattr(janus, "JANUS_TIMEOUT_S", 0.5)
+
+    async def run():
+        fake = _FakeJanus(mode)
+        session = janus.JanusSession(await fake.start())
+        t0 = time.monotonic()
+        try:
+            await session.create()
+            with pytest.raises(janus.JanusError) as e:
+                await session.attach()
+            return str(e.value), time.monotonic() - t0
+        finally:
+            await session.destroy()
+            await fake.runner.cleanup()
+
+    msg, took = asyncio.run(run())
+    assert took < 1.3, f"each request is bounded by JANUS_TIMEOUT_S, not the long poll's: {took:.1f} s"
+    assert "SECRET" not in msg
+    if mode == "error":
+        assert "458" in msg
