@@ -223,3 +223,43 @@ def test_sessions_spread_over_cluster_nodes_and_survive_a_node_removal(cluster, 
     finally:
         srv.stop()
     assert took < 1.5, f"a full cluster took {took:.2f} s to refuse"
+
+
+def test_closed_sessions_free_their_workers_threads_and_files(server):
+    """Teardown in a worker frees what single-process teardown frees: after sessions
+    come and go, the worker process is back to its threads and open files."""
+    from test_leak import _proc as usage
+
+    async def cycle(n: int) -> None:
+        clients = [AvatarClient(server.url) for _ in range(n)]
+        for c in clients:
+            await c.__aenter__()
+        await asyncio.wait_for(asyncio.gather(*(c.first_video.wait() for c in clients)), 30)
+        await clients[0].say("A short sentence.")
+        await asyncio.sleep(1.0)
+        for c in clients:
+            await c.__aexit__(None, None, None)
+        assert await no_sessions(server.url, 30)
+
+    async def run():
+        assert await no_sessions(server.url, 60)
+        await cycle(2)  # warm: imports, the avatar, the thread pools
+        pids = [w["pid"] for w in (await status_of(server.url))["workers"]]
+        before = [usage(p)[1:] for p in pids]
+        for _ in range(3):
+            await cycle(2)
+        await asyncio.sleep(1.0)
+        after = [usage(p)[1:] for p in pids]
+        return before, after
+
+    before, after = asyncio.run(run())
+    for (threads0, fds0), (threads1, fds1) in zip(before, after):
+        assert threads1 <= threads0 + 2, f"worker threads {threads0} -> {threads1}"
+        assert fds1 <= fds0 + 4, f"worker open files {fds0} -> {fds1}"
+
+
+async def status_of(url: str) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(url + "/status") as r:
+        return await r.json()
