@@ -48,15 +48,14 @@ def mux_stream(playout: "PlayoutBuffer", channel: ByteChannel, stop: threading.E
     try:
         for slot, unit, audible in SlotFollower(playout, stop):
             muxer.add(slot, unit, audible)
-        muxer.close()
     except ChannelClosed:
         pass
     except Exception:
         log.exception("fMP4 stream: muxing failed")
     finally:
         try:
-            muxer.close()
-        except Exception:  # the sink is gone: nothing more to write
+            muxer.close()  # the last fragment, when the reader is still there
+        except Exception:  # the sink is gone (ChannelClosed, or PyAV's error for it): nothing more to write
             pass
         channel.finish()
 
@@ -101,7 +100,7 @@ class StreamRoute:
                 log.info("fMP4 reader of %s dropped: more than %d bytes behind", session.id[:8], STREAM_BUFFER_BYTES)
             else:
                 await response.write_eof()
-        except (ConnectionResetError, ConnectionError):
+        except ConnectionError:
             pass  # the reader left
         finally:
             stop.set()

@@ -5,7 +5,8 @@
   units the WebRTC tracks send, on the session clock) into a :class:`muxer.MP4Muxer`
   writing a file, in the recording's own thread. 409 if one is already running.
 - ``POST /record {sessionid, type: "end_record"}`` ends it at the slot being sent now
-  and answers once the file is complete: ``{duration_s, bytes, url}``. 409 if none runs.
+  and answers once the file is complete: ``{duration_s, bytes, url}``. 409 if none runs;
+  503 if the recording's thread did not finish within ``END_TIMEOUT_S`` (it is aborted).
 - ``GET /record/<sessionid>`` downloads the session's last finished recording
   (``video/mp4``; ranges allowed); 404 with a message when there is none.
 
@@ -100,6 +101,7 @@ class Recording:
         self.duration = 0.0
         self.bytes = 0
         self.ok = False
+        self.removed = False  # a failed recording's file is gone (or was never made)
         self._stop = threading.Event()
         self._end_slot: int | None = None
         playout = session.worker.playout
@@ -141,6 +143,7 @@ class Recording:
         error: str | None = None
         sink = muxer = None
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # here, not on the loop
             sink = _BoundedFile(self.path, self.max_bytes)
             muxer = MP4Muxer(sink)
             for slot, unit, audible in self._follower:
@@ -178,7 +181,8 @@ class Recording:
             if not self.ok:
                 try:
                     self.path.unlink(missing_ok=True)
-                except OSError:  # e.g. the folder is not one
+                    self.removed = True
+                except OSError:  # e.g. the folder is not one: the session's clean-up tries again
                     pass
         return error
 
@@ -240,11 +244,8 @@ class Recorder:
         records.count += 1
         path = self.dir / f"rec-{session.id}-{records.count}.mp4"
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, lambda: self.dir.mkdir(parents=True, exist_ok=True))
-        except OSError:
-            pass  # the recording's thread meets the same error and reports it as an event
-        recording = Recording(session, path, self.max_seconds, self.max_bytes)
+        # No await from the check above to here: a parallel start_record sees this one.
+        recording = Recording(session, path, self.max_seconds, self.max_bytes)  # its thread makes the folder
         records.active = recording
         records.files.add(path)
         recording.done.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._finished, session.id, recording))
@@ -261,7 +262,7 @@ class Recorder:
             error = await asyncio.wait_for(asyncio.wrap_future(recording.done), END_TIMEOUT_S)
         except TimeoutError:
             recording.abort()
-            raise HTTPError(409, f"the recording did not finish within {END_TIMEOUT_S:g} s; it was aborted") from None
+            raise HTTPError(503, f"the recording did not finish within {END_TIMEOUT_S:g} s; it was aborted") from None
         if not recording.ok:
             raise HTTPError(409, f"the recording ended without a file: {error}")
         return ok(duration_s=round(recording.duration, 3), bytes=recording.bytes, url=f"/record/{session.id}",
@@ -280,7 +281,7 @@ class Recorder:
             if previous is not None:
                 self._remove([previous.path])
                 records.files.discard(previous.path)
-        else:
+        elif recording.removed:  # a file its thread could not remove stays listed for the clean-up
             records.files.discard(recording.path)
 
     async def download(self, request: web.Request) -> web.StreamResponse:

@@ -105,7 +105,7 @@ def test_recording_while_speaking(keyed, recdir):
 
 
 def test_recording_refusals_and_bound(keyed):
-    """Errors answered with messages; a recording longer than --record_max_seconds ends
+    """Errors answered with messages (two start_record at once: one 409); a recording longer than --record_max_seconds ends
     there with an error event and its file is the session's last recording."""
 
     async def run():
@@ -114,8 +114,11 @@ def test_recording_refusals_and_bound(keyed):
             none = await download(c)
             not_recording = await record(c, "end_record")
             bad_type = await record(c, "pause")
-            assert (await record(c, "start_record"))[0] == 200
-            twice = await record(c, "start_record")
+            # Two at once: one recording (no await between the check and the claim).
+            starts = sorted(await asyncio.gather(record(c, "start_record"), record(c, "start_record")),
+                            key=lambda answer: answer[0])
+            assert starts[0][0] == 200, starts
+            twice = starts[1]
             assert await wait_until(lambda: error_event(c, "record_max_seconds"), MAX_SECONDS + 5)
             after = await record(c, "end_record")
             got = await download(c)
@@ -258,3 +261,18 @@ def test_shutdown_removes_recordings(tmp_path):
         srv.stop()
     assert len(files) == 2, files
     assert not list(recdir.iterdir()), "recordings left on disk after shutdown"
+
+
+def test_a_failed_recordings_file_is_forgotten_only_once_removed(tmp_path):
+    """A failed recording whose file its thread could not remove stays listed, so the
+    session's clean-up removes it; one that is gone is forgotten."""
+    from types import SimpleNamespace
+
+    from record import Recorder, _SessionRecords
+
+    recorder = Recorder(SimpleNamespace(args=SimpleNamespace(record_dir=str(tmp_path))))
+    kept, gone = tmp_path / "kept.mp4", tmp_path / "gone.mp4"
+    recorder.sessions["s"] = records = _SessionRecords(files={kept, gone})
+    recorder._finished("s", SimpleNamespace(ok=False, removed=False, path=kept))
+    recorder._finished("s", SimpleNamespace(ok=False, removed=True, path=gone))
+    assert records.files == {kept}

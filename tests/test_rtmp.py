@@ -211,13 +211,16 @@ def test_push_ends_with_its_session(nginx):
 
 
 def test_url_checks():
-    from rtmp import check_rtmp_url, is_rtmp_url
+    from rtmp import check_rtmp_url, is_rtmp_url, redact
 
     assert is_rtmp_url("rtmp://a.example/live/k") and not is_rtmp_url("https://a.example/whip")
     assert check_rtmp_url("rtmps://a.example:443/app/key") == "rtmps://a.example:443/app/key"
-    for bad in (None, "", "rtmp://", "rtmp://host", "http://host/app/key", "rtmp://h/app/k\r\nx", "rtmp://h/" + "a" * 3000):
+    for bad in (None, "", "rtmp://", "rtmp://host", "http://host/app/key", "rtmp://h/app/k\r\nx", "rtmp://h/" + "a" * 3000,
+                "rtmp://h:abc/app/s", "rtmp://h:99999/a/b", "rtmp://[/a/b"):
         with pytest.raises(ValueError):
             check_rtmp_url(bad)
+    assert not is_rtmp_url("http://[") and not is_rtmp_url(None)
+    assert redact("rtmp://h:abc/app/secret") == "rtmp://?/..."  # never raises, never names the key
 
 
 def test_push_route_publishes_a_real_session_over_rtmp(nginx, server):
