@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import emit  # noqa: E402
 from musetalk.checkpoints import unet_config, vae_config  # noqa: E402
-from musetalk.inference import VAE_SCALE, ConstantTimeEmbedding  # noqa: E402
+from musetalk.inference import VAE_SCALE, freeze_time_embedding  # noqa: E402
 from musetalk.student import student_unet_config, tiny_vae_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,11 +52,7 @@ def _unet_step(config: dict, device, dtype, meta: bool = False):
         unet = UNet2DConditionModel.from_config(config).eval().requires_grad_(False)
     if not meta:
         unet = torch.nn.Module.to(unet, device=device, dtype=dtype)
-        with torch.no_grad():
-            t0 = torch.zeros(1, device=device, dtype=torch.long)
-            emb = unet.time_embedding(unet.get_time_embed(sample=torch.zeros(1, device=device, dtype=dtype),
-                                                          timestep=t0))
-        unet.time_embedding = ConstantTimeEmbedding(emb)
+        freeze_time_embedding(unet, device, dtype)
     dev = torch.device("meta") if meta else device
     t0 = torch.zeros(1, device=dev, dtype=torch.long)
     width = config["cross_attention_dim"]
@@ -195,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on the CPU")
     ap.add_argument("--batch", help="batch sizes (default: 4,16 on CUDA, 1,4 on the CPU)")
-    ap.add_argument("--iters", type=int, help="timed repetitions per batch (default: 20 on CUDA, 2 on the CPU)")
+    ap.add_argument("--iters", type=int, help="timed repetitions per batch (default: 20 on CUDA, 3 on the CPU)")
     ap.add_argument("--warmup", type=int, help="untimed repetitions first (default: 3 on CUDA, 1 on the CPU)")
     ap.add_argument("--only", default="unet,decoder", help="pairs to measure: unet, decoder or both")
     ap.add_argument("--narrow_width", type=float, default=0.6,

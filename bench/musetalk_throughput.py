@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import emit  # noqa: E402
 from musetalk.checkpoints import unet_config, vae_config  # noqa: E402
-from musetalk.inference import VAE_SCALE, ConstantTimeEmbedding  # noqa: E402
+from musetalk.inference import VAE_SCALE, freeze_time_embedding  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,10 +51,8 @@ def build(args):
     if args.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        t0 = torch.zeros(1, device=device, dtype=torch.long)
-        emb = unet.time_embedding(unet.get_time_embed(sample=torch.zeros(1, device=device, dtype=dtype), timestep=t0))
-    unet.time_embedding = ConstantTimeEmbedding(emb)
+    freeze_time_embedding(unet, device, dtype)
+    t0 = torch.zeros(1, device=device, dtype=torch.long)
     audio_dim = unet_cfg["cross_attention_dim"]
 
     def unet_step(latents, audio):

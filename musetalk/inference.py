@@ -50,6 +50,17 @@ class ConstantTimeEmbedding(nn.Module):
         return self.embedding.expand(t_emb.shape[0], -1)
 
 
+def freeze_time_embedding(unet: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Replace ``unet.time_embedding`` (in place) with :class:`ConstantTimeEmbedding` of its
+    value at timestep 0, computed on ``device`` in ``dtype`` (the UNet's own). The UNet
+    must then only be called at t = 0, as MuseTalk always is."""
+    with torch.no_grad():
+        t0 = torch.zeros(1, device=device, dtype=torch.long)
+        t_emb = unet.get_time_embed(sample=torch.zeros(1, device=device, dtype=dtype), timestep=t0)
+        embedding = unet.time_embedding(t_emb.to(dtype))
+    unet.time_embedding = ConstantTimeEmbedding(embedding)
+
+
 class MuseTalkEngine:
     """Renders faces for one prepared avatar, batching across sessions.
 
@@ -100,13 +111,8 @@ class MuseTalkEngine:
         self.buckets = tuple(sorted(set(buckets)))
         self.compile_mode = compile_mode
         self.batch_sizes: list[int] = []  # frames per forward pass, most recent last (bounded)
-        unet = models.unet
-        with torch.no_grad():
-            t0 = torch.zeros(1, device=self.device, dtype=torch.long)
-            t_emb = unet.get_time_embed(sample=torch.zeros(1, device=self.device, dtype=self.dtype), timestep=t0)
-            embedding = unet.time_embedding(t_emb.to(self.dtype))
-        unet.time_embedding = ConstantTimeEmbedding(embedding)
-        self._timestep = t0
+        freeze_time_embedding(models.unet, self.device, self.dtype)
+        self._timestep = torch.zeros(1, device=self.device, dtype=torch.long)
         self._step = self._faces
         if compile_mode is not None:
             self._step = torch.compile(self._faces, mode=compile_mode, dynamic=False, backend=compile_backend)
