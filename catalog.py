@@ -31,7 +31,7 @@ def select_model(args) -> tuple[str, str]:
 
         from musetalk.models import find_weights
 
-        find_weights(args.models_dir, args.musetalk_version)
+        find_weights(args.models_dir, args.musetalk_version, unet=getattr(args, "musetalk_unet", None) is None)
     except FileNotFoundError as e:
         return "default", f"MuseTalk weights incomplete: {str(e).splitlines()[0]}"
     if not torch.cuda.is_available():
