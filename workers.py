@@ -244,7 +244,7 @@ class WorkerPool:
         await loop.run_in_executor(None, self.init_ray)
         count = self.args.workers or 1
         starting = [self._spawn() for _ in range(count)]
-        done, _ = await asyncio.wait(starting, timeout=START_TIMEOUT_S)
+        await asyncio.wait(starting, timeout=START_TIMEOUT_S)
         if not any(w.ready for w in self.workers):
             raise RuntimeError("no session worker could be started (see the log); check --worker_cpus/--worker_gpus "
                                "against the Ray cluster's resources")
