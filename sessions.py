@@ -62,15 +62,22 @@ class Session:
         self.closed = False
 
     def watch_rtcp(self) -> None:
-        """Stamp :attr:`last_rtcp` whenever the peer's RTCP reaches one of our senders."""
-        for sender in self.pc.getSenders():
-            handle = sender._handle_rtcp_packet
+        """Stamp :attr:`last_rtcp` whenever the peer's RTCP reaches us."""
+        on_rtcp(self.pc, lambda: setattr(self, "last_rtcp", time.monotonic()))
 
-            async def stamped(packet, handle=handle):
-                self.last_rtcp = time.monotonic()
-                return await handle(packet)
 
-            sender._handle_rtcp_packet = stamped
+def on_rtcp(pc: "RTCPeerConnection", heard: Any) -> None:
+    """Call ``heard()`` on every RTCP packet from ``pc``'s peer: receiver reports reach
+    our senders, sender reports our receivers (aiortc has no event for either, so
+    their packet handlers are wrapped)."""
+    for part in [*pc.getSenders(), *pc.getReceivers()]:
+        handle = part._handle_rtcp_packet
+
+        async def stamped(packet, handle=handle):
+            heard()
+            return await handle(packet)
+
+        part._handle_rtcp_packet = stamped
 
 
 class SessionRegistry:
@@ -148,7 +155,8 @@ class SessionRegistry:
             # the session) so that reference counting frees the session at once.
             for sender in session.pc.getSenders():
                 sender.replaceTrack(None)
-                vars(sender).pop("_handle_rtcp_packet", None)  # undo Session.watch_rtcp
+            for part in [*session.pc.getSenders(), *session.pc.getReceivers()]:
+                vars(part).pop("_handle_rtcp_packet", None)  # undo Session.watch_rtcp
         except Exception:
             log.exception("session %s: error while closing (slot freed anyway)", session.id[:8])
         finally:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from api import HTTPError
+from sessions import on_rtcp
 from webrtc import MAX_SDP_BYTES, check_offer
 
 if TYPE_CHECKING:
@@ -127,14 +128,7 @@ class Resource:
     def watch_rtcp(self) -> None:
         """Stamp :attr:`last_heard` on every RTCP packet from the peer (receiver reports
         reach our senders, sender reports our receivers)."""
-        for part in [*self.pc.getSenders(), *self.pc.getReceivers()]:
-            handle = part._handle_rtcp_packet
-
-            async def stamped(packet, handle=handle):
-                self.last_heard = time.monotonic()
-                return await handle(packet)
-
-            part._handle_rtcp_packet = stamped
+        on_rtcp(self.pc, lambda: setattr(self, "last_heard", time.monotonic()))
 
 
 class Resources:

@@ -124,7 +124,11 @@ def test_prepared_data_skips_faceless_clips_and_resumes(workdir):
     # some samples are what the server feeds (the frame's own reference: no ground-truth L1 on them),
     # the others take another frame's reference
     own = (batch["latents"][:, 4:] == batch["target"]).flatten(1).all(1)
-    assert torch.equal(own, ~batch["rec"]) and 0 < int(own.sum()) < 16
+    same = ~batch["rec"]  # samples flagged as given their own frame for reference
+    assert own[same].all() and 0 < int(same.sum()) < 16
+    # the others take another frame's reference (one that looks the same is possible: the
+    # synthetic clip used without ../shared repeats frames)
+    assert int(own[batch["rec"]].sum()) < int(batch["rec"].sum())
     assert (DistillData(data_dir, same_reference=1.0).batch(3, 0, 4)["latents"][:, 4:]
             == data.batch(3, 0, 4)["target"]).all()
     # each frame of the 30 fps clip has the server's streaming window of its time (25 fps frame i * 25 / 30)
