@@ -118,10 +118,7 @@ class AvatarClient:
         else:
             self.pc.addTransceiver("audio", direction="recvonly")
 
-        @self.pc.on("track")
-        def on_track(track) -> None:
-            consume = self._consume_video if track.kind == "video" else self._consume_audio
-            self._tasks.append(asyncio.ensure_future(consume(track)))
+        self._consume_tracks()
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         offer = {"sdp": self.pc.localDescription.sdp, "type": "offer"}
@@ -134,9 +131,7 @@ class AvatarClient:
         self.sessionid = answer["sessionid"]
         self.token = answer.get("token")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        for receiver in self.pc.getReceivers():
-            if receiver.track is not None and receiver.track.kind == "audio":
-                self._tap_rtp(receiver)
+        self._tap_audio_receivers()
         return self.sessionid
 
     def _tap_rtp(self, receiver) -> None:
@@ -150,6 +145,19 @@ class AvatarClient:
             return await handle(packet, arrival_time_ms)
 
         receiver._handle_rtp_packet = tapped
+
+    def _consume_tracks(self) -> None:
+        """Keep every incoming track's frames (video, audio) as they are received."""
+        @self.pc.on("track")
+        def on_track(track) -> None:
+            consume = self._consume_video if track.kind == "video" else self._consume_audio
+            self._tasks.append(asyncio.ensure_future(consume(track)))
+
+    def _tap_audio_receivers(self) -> None:
+        """Tap the RTP arrivals of every audio receiver (once the answer is applied)."""
+        for receiver in self.pc.getReceivers():
+            if receiver.track is not None and receiver.track.kind == "audio":
+                self._tap_rtp(receiver)
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -574,10 +582,7 @@ class WhepViewer(AvatarClient):
         self.pc.addTransceiver("video", direction="recvonly")
         self.pc.addTransceiver("audio", direction="recvonly")
 
-        @self.pc.on("track")
-        def on_track(track) -> None:
-            consume = self._consume_video if track.kind == "video" else self._consume_audio
-            self._tasks.append(asyncio.ensure_future(consume(track)))
+        self._consume_tracks()
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         url = self.base_url + "/whep" + (f"/{self.sessionid}" if self.sessionid else "")
@@ -590,9 +595,7 @@ class WhepViewer(AvatarClient):
             if self.sessionid is None:
                 self.sessionid, self.token = r.headers["X-Session-Id"], r.headers["X-Session-Token"]
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
-        for receiver in self.pc.getReceivers():
-            if receiver.track is not None and receiver.track.kind == "audio":
-                self._tap_rtp(receiver)
+        self._tap_audio_receivers()
         return self.sessionid
 
     async def delete(self) -> int:
@@ -625,16 +628,11 @@ class JanusViewer(AvatarClient):
 
         self.http = aiohttp.ClientSession()
 
-        @self.pc.on("track")
-        def on_track(track) -> None:
-            consume = self._consume_video if track.kind == "video" else self._consume_audio
-            self._tasks.append(asyncio.ensure_future(consume(track)))
+        self._consume_tracks()
 
         self.subscriber = JanusSubscriber(self.janus_url, self.pc)
         await self.subscriber.subscribe(self.room, self.feed)
-        for receiver in self.pc.getReceivers():
-            if receiver.track is not None and receiver.track.kind == "audio":
-                self._tap_rtp(receiver)
+        self._tap_audio_receivers()
         return self.sessionid or ""
 
     async def close(self) -> None:
