@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 from typing import Any
+from urllib.parse import SplitResult, urlsplit
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MAX_FIELD_BYTES = 4096  # a multipart text field (sessionid, interrupt, token)
 MAX_PARTS = 16  # parts in one multipart body
+MAX_URL_CHARS = 2048  # a URL a client gives (/push, /janus): the length browsers and CDNs commonly keep to
 
 
 class HTTPError(Exception):
@@ -148,3 +150,35 @@ async def read_multipart(request: web.Request, files: dict[str, int], timeout: f
     except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as e:  # incl. UnicodeDecodeError, bad part headers
         raise HTTPError(400, f"malformed multipart body: {str(e)[:120] or type(e).__name__}") from e
     return fields
+
+
+class BadURL(HTTPError, ValueError):
+    """A URL a client gave that cannot be used: a 400 for a handler (an ``HTTPError``),
+    a ``ValueError`` for a pure checker such as ``rtmp.check_rtmp_url``."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(400, msg)
+
+
+def check_url(url: Any, schemes: tuple[str, ...], expected: str) -> SplitResult:
+    """``url`` split (``urllib.parse.urlsplit``) when it is a string of at most
+    MAX_URL_CHARS with one of ``schemes``, a host and, if any, a port in 0..65535.
+
+    ``expected`` names what ``url`` should be, in the messages ("'url' must be
+    <expected>..."); they never repeat the URL (it may carry a key).
+
+    Raises:
+        BadURL: (a 400 and a ValueError) with what is wrong.
+    """
+    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
+        raise BadURL(f"'url' must be {expected} of at most {MAX_URL_CHARS} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not 0..65535)
+    except ValueError as e:  # e.g. "http://[", "http://h:99999/"
+        raise BadURL(f"'url' must be {expected}: {str(e)[:80]}") from None
+    if parts.scheme not in schemes:
+        raise BadURL(f"'url' must be {expected}, got a URL with scheme {parts.scheme[:20]!r}")
+    if not parts.hostname:
+        raise BadURL(f"'url' must be {expected}, got a URL without a host")
+    return parts

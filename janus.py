@@ -34,14 +34,13 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
 import wish
-from api import HTTPError, ok, read_json
+from api import HTTPError, check_url, ok, read_json
 from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint
 
 log = logging.getLogger(__name__)
@@ -371,8 +370,7 @@ class JanusFanout:
         if not url:
             raise HTTPError(400, "no Janus: give 'url' (its HTTP API, e.g. http://127.0.0.1:8088/janus) or start "
                                  "the server with --janus_url")
-        if not isinstance(url, str) or len(url) > 2048 or _scheme(url) not in ("http", "https"):
-            raise HTTPError(400, "'url' must be Janus' http(s) API URL")
+        check_url(url, ("http", "https"), "Janus' http(s) API URL")
         room = body.get("room")
         if room is not None and (type(room) is not int or not 0 < room <= MAX_ROOM):
             raise HTTPError(400, f"'room' must be a positive integer, got {str(room)[:20]!r}")
@@ -383,16 +381,6 @@ class JanusFanout:
         except JanusError as e:
             raise HTTPError(502, str(e)) from e
         return ok(room=pub.room, feed=pub.feed)
-
-
-def _scheme(url: str) -> str | None:
-    """The scheme of ``url``; None when it is not a URL (a bad host or port)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
-    except ValueError:
-        return None
-    return parts.scheme if parts.hostname else None
 
 
 def setup(app: web.Application, server: Any) -> None:

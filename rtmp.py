@@ -29,11 +29,11 @@ import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+from api import check_url
 from muxer import FLVMuxer, SlotFollower
 
 log = logging.getLogger(__name__)
 
-MAX_URL_CHARS = 2048
 CONNECT_TIMEOUT_S = 5.0  # FFmpeg's rw_timeout for the RTMP connection (connect, handshake, each write)
 STOP_TIMEOUT_S = 5.0  # stop() waits this long for the thread to finish the stream
 
@@ -53,19 +53,13 @@ def is_rtmp_url(url: Any) -> bool:
 
 
 def check_rtmp_url(url: Any) -> str:
-    """An ``rtmp(s)://host[:port]/app/stream`` URL of at most MAX_URL_CHARS.
+    """An ``rtmp(s)://host[:port]/app/stream`` URL of at most ``api.MAX_URL_CHARS``.
 
     Raises:
-        ValueError: with what is wrong.
+        ValueError: with what is wrong (``api.BadURL`` for the checks all client URLs get).
     """
-    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
-        raise ValueError(f"'url' must be an rtmp:// URL of at most {MAX_URL_CHARS} characters")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not 0..65535)
-    except ValueError as e:
-        raise ValueError(f"'url' must look like rtmp://host[:port]/app/stream: {e}") from None
-    if parts.scheme not in ("rtmp", "rtmps") or not parts.hostname or not parts.path.strip("/"):
+    parts = check_url(url, ("rtmp", "rtmps"), "an rtmp(s)://host[:port]/app/stream URL")
+    if not parts.path.strip("/"):
         raise ValueError(f"'url' must look like rtmp://host[:port]/app/stream, got {redact(url)!r}")
     if any(c in url for c in "\r\n\0 "):
         raise ValueError("'url' must not contain spaces or control characters")

@@ -51,7 +51,7 @@ from aiortc.contrib.media import MediaBlackhole
 
 import ingest
 import wish
-from api import HTTPError, ok, read_json
+from api import MAX_URL_CHARS, HTTPError, check_url, ok, read_json
 from webrtc import AvatarAudioTrack, AvatarVideoTrack, JoinPoint, shorten_receive_buffer
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ log = logging.getLogger(__name__)
 KIND = "whip"
 PUSH_TIMEOUT_S = 10.0  # each HTTP request of a push (POST, each redirect, DELETE)
 MAX_REDIRECTS = 3  # 307/308 hops followed (RFC 9725 section 4.6)
-MAX_URL_CHARS = 2048
 MIC_MODES = ("lipsync", "converse")  # a session opened with these takes its microphone from its own peer
 
 
@@ -127,8 +126,8 @@ class WhipPushError(Exception):
 
 
 def check_push_url(url: Any) -> str:
-    """An ``http(s)`` WHIP endpoint URL, or an ``rtmp(s)://`` URL (``rtmp.RtmpPush``).
-    Raises HTTPError(400)."""
+    """An ``http(s)`` WHIP endpoint URL (``api.check_url``), or an ``rtmp(s)://`` URL
+    (``rtmp.check_rtmp_url``, for ``rtmp.RtmpPush``). Raises HTTPError(400)."""
     import rtmp
 
     if rtmp.is_rtmp_url(url):
@@ -136,15 +135,7 @@ def check_push_url(url: Any) -> str:
             return rtmp.check_rtmp_url(url)
         except ValueError as e:
             raise HTTPError(400, str(e)) from e
-    if not isinstance(url, str) or not url or len(url) > MAX_URL_CHARS:
-        raise HTTPError(400, f"'url' must be the WHIP endpoint's http(s) URL (at most {MAX_URL_CHARS} characters)")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not one)
-    except ValueError as e:
-        raise HTTPError(400, f"'url' is not a URL: {e}") from e
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise HTTPError(400, f"'url' must be an http(s):// WHIP endpoint or an rtmp(s):// URL, got {url[:80]!r}")
+    check_url(url, ("http", "https"), "the WHIP endpoint's http(s):// URL or an rtmp(s):// URL")
     return url
 
 
