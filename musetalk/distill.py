@@ -10,7 +10,10 @@ One command, from the released weights and a folder of talking-head videos::
    landmarks), ``musetalk.prepare.prepare_musetalk`` (MuseTalk face boxes, masked
    and reference SD-VAE latents) and ``musetalk.audio_features``'
    :class:`StreamingFeatureExtractor` (the windows the server computes live) on the
-   clip's audio track, or on a sidecar audio file with the same stem (``clip.wav``).
+   clip's audio track, or on a sidecar audio file with the same stem (``clip.wav``);
+   each frame gets the window of its own time on the audio track, by the decoded
+   frames' timestamps (streams that start apart, edit lists, encoder priming).
+   Audio and frame times are decoded from the file with PyAV (never read whole).
    Per clip ``clips/<id>/latents.npy`` float16 (S, 8, 32, 32), ``audio.npy`` float16
    (S, 50, d) and ``valid.npy`` bool (S,) (frame has a face and audio), memory-mapped
    at training time; ``manifest.json`` records each clip (source size/mtime, the
@@ -75,7 +78,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("musetalk.distill")
 
-DATA_FORMAT = 1  # bump when the per-clip files or their preparation change
+DATA_FORMAT = 2  # bump when the per-clip files or their preparation change
 VIDEO_SUFFIXES = {".mp4", ".mkv", ".mov", ".avi", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts"}
 SIDECAR_AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 CLIP_FILES = ("latents.npy", "audio.npy", "valid.npy")
@@ -104,23 +107,170 @@ def clip_id(video: Path, root: Path) -> str:
     return f"{stem}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
 
 
-def clip_audio(video: Path) -> np.ndarray:
-    """float32 16 kHz mono audio of a clip: its first audio stream, else a sidecar
-    file with the same stem (``clip.wav``...).
+@dataclass
+class ClipAudio:
+    """A clip's audio track.
+
+    pcm: float32 (n,) mono at 16 kHz in [-1, 1]. start: the time in seconds, on
+    the clip's container clock, of ``pcm[0]``: the first decoded audio frame's
+    ``time``, which already leaves out what the decoder dropped (AAC/MP3 encoder
+    priming, MP4 edit lists, Matroska codec delay), so that a stream whose header
+    reports a slightly negative start (AAC priming) starts where its sound does;
+    None for a sidecar audio file, taken to start with the video's first frame.
+    """
+
+    pcm: np.ndarray
+    start: float | None
+
+
+def decode_track(path: Path, max_seconds: float = MAX_CLIP_SECONDS) -> tuple[np.ndarray, float]:
+    """Decode the first audio stream of the file at ``path`` (PyAV, read from the
+    file, never held whole in memory) to float32 (n,) mono 16 kHz in [-1, 1], and
+    the time in seconds of its first sample (the first decoded frame's ``time``; 0
+    when the container has none).
+
+    Channels are averaged with equal weights and the rate converted by
+    ``audio.StreamResampler`` (libswresample), as the server's ``audio.decode_audio``
+    does for uploads. Work is bounded: FFmpeg's ``max_samples`` caps one frame, the
+    rate and channel count must lie within ``audio``'s limits, and decoding stops
+    past ``max_seconds`` of audio. A stream that breaks off after some audio keeps
+    what was decoded (with a warning).
+
+    Raises:
+        audio.AudioTooLong: more than ``max_seconds`` of audio.
+        audio.AudioDecodeError: unreadable file, no audio stream, a rate or channel
+            count out of bounds, a rate that changes within the stream, no samples.
+    """
+    import av
+
+    from audio import (
+        MAX_CHANNELS, MAX_FRAME_VALUES, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, AudioDecodeError, AudioTooLong,
+        StreamResampler,
+    )
+
+    cap = {"max_samples": str(MAX_FRAME_VALUES)}
+    try:
+        container = av.open(str(path), options=cap)
+    except (av.FFmpegError, ValueError, OSError, EOFError) as e:
+        raise AudioDecodeError(f"could not read {Path(path).name} ({e})") from e
+    parts: list[np.ndarray] = []
+    rate, start, seconds = 0, 0.0, 0.0
+    convert = resampler = None
+    with container:
+        if not container.streams.audio:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise AudioDecodeError(f"{Path(path).name} has no audio stream (streams: {', '.join(kinds)})")
+        stream = container.streams.audio[0]
+        stream.codec_context.options = cap
+        try:
+            for frame in container.decode(stream):
+                if not frame.samples:
+                    continue
+                r, channels = int(frame.sample_rate), len(frame.layout.channels)
+                if not MIN_SAMPLE_RATE <= r <= MAX_SAMPLE_RATE or not 1 <= channels <= MAX_CHANNELS:
+                    raise AudioDecodeError(f"the audio stream decodes to {r} Hz x {channels} channel(s), outside "
+                                           f"{MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz x 1-{MAX_CHANNELS}")
+                if frame.samples * channels > MAX_FRAME_VALUES:
+                    raise AudioDecodeError(f"an audio frame of {frame.samples} x {channels} samples")
+                if not rate:
+                    rate, start = r, float(frame.time or 0.0)
+                    convert = av.AudioResampler(format="fltp")  # any sample format -> float planar
+                    resampler = StreamResampler(r)
+                elif r != rate:
+                    raise AudioDecodeError(f"the sample rate changes within the audio stream ({rate} -> {r} Hz)")
+                seconds += frame.samples / r
+                if seconds > max_seconds:
+                    raise AudioTooLong(f"the audio track is longer than {max_seconds:g} s", seconds, max_seconds)
+                for f in convert.resample(frame):
+                    parts.append(resampler.process(f.to_ndarray().mean(axis=0, dtype=np.float32)))
+        except AudioDecodeError:
+            raise
+        except (av.FFmpegError, ValueError, OSError, EOFError) as e:
+            if not rate:
+                raise AudioDecodeError(f"could not decode the audio of {Path(path).name} ({e})") from e
+            log.warning("%s: the audio stream broke off after %.2f s (%s); using what was decoded", path, seconds, e)
+    if not rate:
+        raise AudioDecodeError(f"the audio stream of {Path(path).name} decoded to zero samples")
+    for f in convert.resample(None):
+        parts.append(resampler.process(f.to_ndarray().mean(axis=0, dtype=np.float32)))
+    parts.append(resampler.flush())
+    pcm = np.concatenate(parts)
+    np.nan_to_num(pcm, copy=False, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(pcm, -1.0, 1.0, out=pcm), start
+
+
+def clip_audio(video: Path) -> ClipAudio:
+    """A clip's audio: its first audio stream (with its start time), else a sidecar
+    file with the same stem (``clip.wav``..., start None: taken to start with the
+    video). Decoded from the files by :func:`decode_track`.
 
     Raises:
         audio.AudioDecodeError: no audio track and no readable sidecar.
     """
-    from audio import AudioDecodeError, decode_audio
+    from audio import AudioDecodeError
 
     try:
-        return decode_audio(Path(video).read_bytes(), max_seconds=MAX_CLIP_SECONDS)
+        return ClipAudio(*decode_track(video))
     except AudioDecodeError as first:
         for suffix in SIDECAR_AUDIO_SUFFIXES:
             sidecar = Path(video).with_suffix(suffix)
             if sidecar.is_file():
-                return decode_audio(sidecar.read_bytes(), max_seconds=MAX_CLIP_SECONDS)
+                return ClipAudio(decode_track(sidecar)[0], None)
         raise AudioDecodeError(f"{first} (and no sidecar {Path(video).stem}{{{','.join(SIDECAR_AUDIO_SUFFIXES)}}})")
+
+
+def frame_times(video: Path, n: int, fps: float) -> np.ndarray:
+    """Presentation times in seconds (float64 (n,), container clock) of the first
+    ``n`` frames of ``video``'s first video stream: the decoded frames' ``time``
+    (PyAV, from the file; the frames ``avatar.prepare_avatar`` read, in the same
+    order). A frame without a timestamp, or frames PyAV cannot decode (with a
+    warning), continue from the previous one at ``fps``. Work: at most ``n`` frames decoded.
+    """
+    import av
+
+    times: list[float] = []
+    step = 1.0 / (fps or 25.0)
+    if n <= 0:
+        return np.zeros(0, np.float64)
+    try:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                times.append(float(frame.time) if frame.time is not None else (times[-1] + step if times else 0.0))
+                if len(times) == n:
+                    break
+    except (av.FFmpegError, IndexError, ValueError, OSError, EOFError) as e:
+        log.warning("%s: no frame times from PyAV past frame %d (%s)", video, len(times), e)
+    if len(times) < n:
+        log.warning("%s: PyAV decoded %d of %d frames; the rest are timed at %g fps", video, len(times), n, fps)
+        last = times[-1] if times else 0.0
+        times += [last + step * (k + 1) for k in range(n - len(times))]
+    return np.asarray(times, np.float64)
+
+
+def align_audio(track: ClipAudio, times: np.ndarray) -> tuple[np.ndarray, float]:
+    """A clip's audio on its video's timeline: float32 (m,) 16 kHz whose sample 0
+    is at the first video frame's time ``times[0]`` (seconds, container clock, as
+    :func:`frame_times`), so that frame i's audio starts at sample
+    ``(times[i] - times[0]) * 16000``: audio before the first frame is dropped,
+    silence stands before an audio track that starts later. Also returns the
+    audio track's start minus the first frame's time in seconds (its delay;
+    negative when it starts earlier; 0 for a sidecar, ``track.start`` None).
+
+    Raises:
+        ValueError: the audio starts more than :data:`MAX_CLIP_SECONDS` after the first frame.
+    """
+    from clock import SAMPLE_RATE
+
+    t0 = float(times[0]) if len(times) else 0.0
+    delay = 0.0 if track.start is None else track.start - t0
+    if delay > MAX_CLIP_SECONDS:
+        raise ValueError(f"the audio track starts {delay:.0f} s after the first video frame")
+    lead = int(round(-delay * SAMPLE_RATE))  # audio samples before the first frame
+    pcm = np.asarray(track.pcm, np.float32)
+    pcm = pcm[lead:] if lead >= 0 else np.concatenate([np.zeros(-lead, np.float32), pcm])
+    return pcm, delay
 
 
 def streaming_windows(extractor, pcm: np.ndarray, n_frames: int) -> np.ndarray:
@@ -198,8 +348,14 @@ class Preparer:
 
     def prepare_clip(self, video: Path, cid: str, out: Path, scratch: Path) -> dict:
         """Prepare one clip into ``out`` (written atomically). Returns its manifest
-        entry: ``{"status": "ok", "frames": S, "valid": n, "fps": ...}`` or
+        entry: ``{"status": "ok", "frames": S, "valid": n, "fps": ..., "audio_delay_ms": d}``
+        (d: the audio track's start after the first frame, :func:`align_audio`) or
         ``{"status": "skipped", "reason": ...}`` (no face, no audio, unreadable).
+
+        Frame i gets the streaming window of the 25 fps frame nearest its own time
+        after frame 0 (:func:`frame_times`), on the audio aligned by the streams'
+        start times (:func:`align_audio`); frames before the audio starts or past
+        its end are not valid.
         """
         import avatar as avatar_mod
         from audio import AudioDecodeError
@@ -207,7 +363,7 @@ class Preparer:
         from musetalk.prepare import prepare_musetalk
 
         try:
-            pcm = clip_audio(video)
+            track = clip_audio(video)
         except AudioDecodeError as e:
             return {"status": "skipped", "reason": f"no audio: {e}"}
         try:
@@ -220,9 +376,15 @@ class Preparer:
         finally:
             shutil.rmtree(scratch / cid, ignore_errors=True)  # frames are not needed any more
         s_count = len(mav)
+        times = frame_times(video, s_count, fps or VIDEO_FPS)  # the frames' own times, not i / fps
+        try:
+            pcm, delay = align_audio(track, times)  # sample 0 at frame 0's time
+        except ValueError as e:
+            return {"status": "skipped", "reason": str(e)}
+        since = times - times[0]  # seconds after frame 0
         n25 = -(-len(pcm) // FRAME_SAMPLES)  # 25 fps frames the audio covers
-        at25 = np.round(np.arange(s_count) * VIDEO_FPS / (fps or VIDEO_FPS)).astype(np.int64)  # frame time -> 25 fps
-        valid = mav.valid & (at25 < n25)
+        at25 = np.maximum(np.round(since * VIDEO_FPS), 0).astype(np.int64)  # frame time -> 25 fps window
+        valid = mav.valid & (at25 < n25) & (since >= delay - 0.5 / VIDEO_FPS)  # no frame before the audio starts
         if valid.sum() < 2:
             return {"status": "skipped", "reason": f"{int(valid.sum())} frame(s) with a face and audio (need 2)"}
         windows = streaming_windows(self.extractor(), pcm, n25)[np.minimum(at25, n25 - 1)]
@@ -234,7 +396,8 @@ class Preparer:
         np.save(tmp / "valid.npy", valid)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        return {"status": "ok", "frames": s_count, "valid": int(valid.sum()), "fps": fps}
+        return {"status": "ok", "frames": s_count, "valid": int(valid.sum()), "fps": fps,
+                "audio_delay_ms": round(delay * 1000, 1)}
 
 
 def _write_json(path: Path, value: dict) -> None:

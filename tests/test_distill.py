@@ -75,6 +75,26 @@ def _talking_clip():
     return [still] * CLIP_FRAMES, tone(seconds)
 
 
+def _write_mkv(path, frames_bgr, pcm16k, audio_start_s):
+    """Matroska: MPEG-4 video at 25 fps from t = 0 and 16 kHz mono PCM audio (no
+    encoder priming) whose first sample is stamped ``audio_start_s`` seconds."""
+    from fractions import Fraction
+
+    with av.open(str(path), "w") as c:
+        video = c.add_stream("mpeg4", rate=25)
+        video.height, video.width = frames_bgr[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        audio = c.add_stream("pcm_s16le", rate=16000)
+        audio.layout = "mono"
+        for f in frames_bgr:
+            c.mux(video.encode(av.VideoFrame.from_ndarray(f, format="bgr24")))
+        c.mux(video.encode())
+        frame = av.AudioFrame.from_ndarray((pcm16k * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate, frame.time_base, frame.pts = 16000, Fraction(1, 16000), round(audio_start_s * 16000)
+        c.mux(audio.encode(frame))
+        c.mux(audio.encode())
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models gain nothing from a second thread, and on a loaded CI machine
@@ -135,7 +155,9 @@ def test_prepared_data_skips_faceless_clips_and_resumes(workdir):
     (cid,) = [c for c, e in manifest["clips"].items() if e["status"] == "ok"]
     assert ok["fps"] == CLIP_FPS
     preparer = Preparer(None, load_whisper_encoder(find_weights(workdir / "models")), "v15", 10)
-    pcm = clip_audio(workdir / "videos" / "talk.mp4")
+    track = clip_audio(workdir / "videos" / "talk.mp4")
+    assert track.start == 0 and ok["audio_delay_ms"] == 0  # both streams start at 0
+    pcm = track.pcm
     windows = streaming_windows(preparer.extractor(), pcm, -(-len(pcm) // 640))
     stored = np.load(data_dir / "clips" / cid / "audio.npy").astype(np.float32)
     want = windows[np.round(np.arange(CLIP_FRAMES) * 25 / CLIP_FPS).astype(int)]
@@ -176,6 +198,35 @@ def test_clip_ids_of_symlinked_videos_and_what_the_data_cache_key_covers(workdir
     with torch.no_grad():
         other_vae.encoder.conv_in.weight.mul_(1.5)
     assert Preparer(other_vae, whisper, "v15", 10).inputs()["vae"] != base.inputs()["vae"]
+
+
+def test_an_audio_track_starting_after_the_video_is_aligned_by_the_streams_times(workdir, tmp_path, teacher):
+    """The same scene muxed twice: both streams from t = 0, and with the audio track
+    starting 200 ms after the first frame (its first 200 ms, silence, cut off; the rest
+    at the same time as before). Every frame gets the same audio window from both;
+    in the second the frames before the audio starts are not trained on."""
+    delay, burst = 0.2, 8  # s; the frame at which a 60 ms tone sounds (0.32 s, 0.12 s into the delayed track)
+    frames, _ = _talking_clip()
+    pcm = np.zeros(CLIP_FRAMES * 640, np.float32)
+    pcm[burst * 640 : burst * 640 + 960] = tone(0.06, freq=440.0, level=0.8)
+    (tmp_path / "videos").mkdir()
+    _write_mkv(tmp_path / "videos" / "together.mkv", frames, pcm, 0.0)
+    _write_mkv(tmp_path / "videos" / "delayed.mkv", frames, pcm[round(delay * 16000) :], delay)
+    paths = find_weights(workdir / "models")
+    manifest = prepare_dataset(tmp_path / "videos", tmp_path / "data",
+                               Preparer(teacher[1], load_whisper_encoder(paths), "v15", 10))
+    assert manifest["counts"] == {"ok": 2, "skipped": 0}
+    clips = {e["source"].rsplit("/", 1)[1]: (cid, e) for cid, e in manifest["clips"].items()}
+    folder = {name: tmp_path / "data" / "clips" / cid for name, (cid, _) in clips.items()}
+    together, delayed = ({"audio": np.load(folder[name] / "audio.npy").astype(np.float32),
+                          "valid": np.load(folder[name] / "valid.npy")} for name in ("together.mkv", "delayed.mkv"))
+    first = round(delay * 25)  # the first frame with audio in the delayed clip
+    assert not np.allclose(together["audio"][burst], together["audio"][2], rtol=2e-3, atol=2e-3)  # the tone shows
+    np.testing.assert_allclose(delayed["audio"][first:], together["audio"][first:], rtol=2e-3, atol=2e-3)
+    assert not delayed["valid"][:first].any() and (delayed["valid"][first:] == together["valid"][first:]).all()
+    assert together["valid"][burst] and delayed["valid"][burst]
+    assert abs(clips["delayed.mkv"][1]["audio_delay_ms"] - 1000 * delay) <= 20  # one 20 ms feature step
+    assert abs(clips["together.mkv"][1]["audio_delay_ms"]) <= 20
 
 
 def test_another_vae_prepares_the_data_again(workdir, tmp_path):
