@@ -290,82 +290,51 @@ class JanusSubscriber:
         await self.janus.destroy()
 
 
-class JanusFanout:
+class JanusFanout(wish.PerSession[JanusPublisher]):
     """The Janus publications of one server (at most one per session; publishes and
-    unpublishes of one session run one at a time)."""
+    unpublishes of one session run one at a time, those of closed sessions end:
+    ``wish.PerSession``)."""
 
     def __init__(self, server: Any) -> None:
+        super().__init__()
         self.server = server
-        self.by_session: dict[str, JanusPublisher] = {}
-        self.locks = wish.SessionLocks()
-        self._watchdog: asyncio.Task | None = None
 
     async def publish(self, session: Any, url: str, room: int | None) -> JanusPublisher:
         """Publish ``session`` (replacing its publication). Raises JanusError (also
         published as an ``error`` event)."""
-        async with self.locks.hold(session.id):
-            return await self._publish(session, url, room)
 
-    async def _publish(self, session: Any, url: str, room: int | None) -> JanusPublisher:
-        await self.unpublish(session.id)
-        pub = JanusPublisher(session, url, self.server.ice_servers)
-        self.by_session[session.id] = pub
-        try:
-            await pub.start(room)
-        except Exception as e:
-            if isinstance(e, JanusError):
-                msg = str(e)
-            elif isinstance(e, (KeyError, TypeError, ValueError)):
-                msg = f"unexpected answer from Janus: {type(e).__name__}"
-                log.info("session %s: unexpected answer from Janus: %r", session.id[:8], e)
-            else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
-                log.exception("session %s: publishing to Janus failed", session.id[:8])
-                msg = f"publishing to Janus failed: {type(e).__name__}"
-            await self._forget(session.id, pub)
-            session.bus.publish({"type": "error", "msg": msg, "source": "janus"})
-            raise JanusError(msg) from e
+        async def begin(pub: JanusPublisher) -> None:
+            try:
+                await pub.start(room)
+            except Exception as e:
+                if isinstance(e, JanusError):
+                    msg = str(e)
+                elif isinstance(e, (KeyError, TypeError, ValueError)):
+                    msg = f"unexpected answer from Janus: {type(e).__name__}"
+                    log.info("session %s: unexpected answer from Janus: %r", session.id[:8], e)
+                else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
+                    log.exception("session %s: publishing to Janus failed", session.id[:8])
+                    msg = f"publishing to Janus failed: {type(e).__name__}"
+                session.bus.publish({"type": "error", "msg": msg, "source": "janus"})
+                raise JanusError(msg) from e
+
+        pub = await self.replace(session, lambda: JanusPublisher(session, url, self.server.ice_servers), begin)
         log.info("session %s: published to Janus room %s as feed %s", session.id[:8], pub.room, pub.feed)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.ensure_future(self._watch())
         return pub
 
-    async def _forget(self, session_id: str, pub: JanusPublisher) -> None:
-        """Stop ``pub`` and drop it from :attr:`by_session` if it is still the session's."""
-        if self.by_session.get(session_id) is pub:
-            del self.by_session[session_id]
-        await pub.stop()
-
-    async def unpublish(self, session_id: str) -> bool:
-        pub = self.by_session.pop(session_id, None)
-        if pub is None:
+    def ended(self, pub: JanusPublisher) -> bool:
+        """A publication whose connection to Janus failed (said on the session's bus)."""
+        if pub.pc.connectionState != "failed":
             return False
-        await pub.stop()
+        pub.session.bus.publish({"type": "error", "msg": "Janus publication: ICE failed", "source": "janus"})
         return True
-
-    async def stop_all(self, app: web.Application | None = None) -> None:
-        await asyncio.gather(*(self.unpublish(sid) for sid in list(self.by_session)))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-
-    async def _watch(self) -> None:
-        while self.by_session:
-            await asyncio.sleep(0.5)
-            ended = []
-            for sid, pub in list(self.by_session.items()):
-                if pub.session.closed or pub.pc.connectionState == "failed":
-                    if not pub.session.closed:
-                        pub.session.bus.publish({"type": "error", "msg": "Janus publication: ICE failed",
-                                                 "source": "janus"})
-                    ended.append(self._forget(sid, pub))
-            await asyncio.gather(*ended)  # each may wait on Janus: together, not in turn
 
     async def handle(self, request: web.Request) -> web.Response:
         """``POST /janus {sessionid, room?, url?}`` / ``{sessionid, stop: true}``."""
         body = await read_json(request, self.server.args.request_timeout)
         session = self.server.session(body, request)
         if body.get("stop"):
-            async with self.locks.hold(session.id):  # after a publish under way
-                return ok(stopped=await self.unpublish(session.id))
+            return ok(stopped=await self.stop_in_turn(session.id))
         url = body.get("url") or self.server.args.janus_url
         if not url:
             raise HTTPError(400, "no Janus: give 'url' (its HTTP API, e.g. http://127.0.0.1:8088/janus) or start "

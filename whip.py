@@ -262,80 +262,51 @@ class WhipPush:
             sender.replaceTrack(None)
 
 
-class Pushes:
-    """The WHIP pushes of one server, at most one per session (a new one replaces it).
-    Starts and stops of one session run one at a time (``wish.SessionLocks``)."""
+class Pushes(wish.PerSession[Any]):
+    """The WHIP (and RTMP) pushes of one server, at most one per session (a new one
+    replaces it; ``wish.PerSession``: one start or stop of a session at a time, the
+    pushes of closed sessions stopped)."""
 
     def __init__(self, server: Any) -> None:
+        super().__init__()
         self.server = server
-        self.by_session: dict[str, Any] = {}  # WhipPush or rtmp.RtmpPush
-        self.locks = wish.SessionLocks()
-        self._watchdog: asyncio.Task | None = None
 
     async def start(self, session: Any, url: str, token: str | None) -> Any:
         """Start a push of ``session``: WHIP for http(s) URLs, RTMP (FLV, ``rtmp.RtmpPush``)
         for rtmp(s) ones. Raises WhipPushError (also reported on its bus, once)."""
-        async with self.locks.hold(session.id):
-            return await self._start(session, url, token)
-
-    async def _start(self, session: Any, url: str, token: str | None) -> Any:
         import rtmp
 
-        await self.stop(session.id)
-        rtmp_url = rtmp.is_rtmp_url(url)
-        try:
-            push: Any = rtmp.RtmpPush(session, url) if rtmp_url else WhipPush(session, url, token,
-                                                                              self.server.ice_servers)
-        except ValueError as e:  # a URL that check_push_url let through
-            raise WhipPushError(f"bad push URL: {e}") from e
-        self.by_session[session.id] = push
-        try:
-            await push.start()
-        except Exception as e:
-            if isinstance(e, rtmp.RtmpPushError):
-                msg = str(e)  # rtmp.RtmpPush published it already
-            else:
-                if isinstance(e, WhipPushError):
-                    msg = str(e)
-                else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
-                    log.exception("session %s: push to %s failed", session.id[:8], url[:80])
-                    msg = f"push to {url[:80]} failed: {type(e).__name__}"
-                push.report(msg)
-            await self._forget(session.id, push)
-            raise WhipPushError(msg) from e
-        if session.closed:  # closed while we waited for the endpoint
-            await self._forget(session.id, push)
-            raise WhipPushError("the session closed while the push was starting")
+        def make() -> Any:
+            try:
+                return rtmp.RtmpPush(session, url) if rtmp.is_rtmp_url(url) else WhipPush(session, url, token,
+                                                                                          self.server.ice_servers)
+            except ValueError as e:  # a URL that check_push_url let through
+                raise WhipPushError(f"bad push URL: {e}") from e
+
+        async def begin(push: Any) -> None:
+            try:
+                await push.start()
+            except Exception as e:
+                if isinstance(e, rtmp.RtmpPushError):
+                    msg = str(e)  # rtmp.RtmpPush published it already
+                else:
+                    if isinstance(e, WhipPushError):
+                        msg = str(e)
+                    else:  # aiortc or aiohttp failing in a way we did not foresee: a 502, not a 500
+                        log.exception("session %s: push to %s failed", session.id[:8], url[:80])
+                        msg = f"push to {url[:80]} failed: {type(e).__name__}"
+                    push.report(msg)
+                raise WhipPushError(msg) from e
+            if session.closed:  # closed while we waited for the endpoint
+                raise WhipPushError("the session closed while the push was starting")
+
+        push = await self.replace(session, make, begin)
         log.info("session %s: pushing to %s", session.id[:8], push.resource)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.ensure_future(self._watch())
         return push
 
-    async def _forget(self, session_id: str, push: Any) -> None:
-        """Stop ``push`` and drop it from :attr:`by_session` if it is still the session's."""
-        if self.by_session.get(session_id) is push:
-            del self.by_session[session_id]
-        await push.stop()
-
-    async def stop(self, session_id: str) -> bool:
-        push = self.by_session.pop(session_id, None)
-        if push is None:
-            return False
-        await push.stop()
-        return True
-
-    async def stop_all(self, app: web.Application | None = None) -> None:
-        await asyncio.gather(*(self.stop(sid) for sid in list(self.by_session)))
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-
-    async def _watch(self) -> None:
-        """End the pushes of closed sessions, and of failed ones (their ICE gave up)."""
-        while self.by_session:
-            await asyncio.sleep(wish.WATCH_INTERVAL_S)
-            for sid, push in list(self.by_session.items()):
-                if push.session.closed or push.stopped:
-                    await self._forget(sid, push)
+    def ended(self, push: Any) -> bool:
+        """A push that failed (its ICE gave up, its RTMP connection was lost)."""
+        return push.stopped
 
     # -- routes -------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.Response:
@@ -343,8 +314,7 @@ class Pushes:
         body = await read_json(request, self.server.args.request_timeout)
         session = self.server.session(body, request)
         if body.get("stop"):
-            async with self.locks.hold(session.id):  # after a start under way
-                return ok(stopped=await self.stop(session.id))
+            return ok(stopped=await self.stop_in_turn(session.id))
         url = check_push_url(body.get("url"))
         token = body.get("token")
         if token is not None and (not isinstance(token, str) or len(token) > MAX_URL_CHARS):

@@ -16,6 +16,8 @@ URL in ``Location``), ended by ``DELETE`` on that URL. This module holds:
   the WHEP draft's same section say 405 then), ``OPTIONS`` (204 with ``Accept-Post:
   application/sdp`` and the allowed methods, without PATCH, which tells clients
   such as Eyevinn's to send their candidates in the offer).
+- :class:`SessionLocks` and :class:`PerSession`: the bookkeeping of what a session
+  publishes elsewhere, one at a time (``whip.Pushes``, ``janus.JanusFanout``).
 
 Offers without candidates are accepted (players that POST before gathering, like
 ``whip-whep``'s WHEP client): ICE learns their address from their checks against
@@ -29,7 +31,7 @@ import contextlib
 import logging
 import secrets
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
 from aiohttp import web
 
@@ -46,9 +48,11 @@ log = logging.getLogger(__name__)
 
 SDP_TYPE = "application/sdp"
 RESOURCE_ID_BYTES = 12  # 96-bit resource ids (unguessable; DELETE also needs the session's token)
-WATCH_INTERVAL_S = 0.5  # how often the watchdog looks at resources
+WATCH_INTERVAL_S = 0.5  # how often the watchdogs look at resources and PerSession entries
 RESOURCE_METHODS = "DELETE, OPTIONS"  # what a resource URL supports (the Allow of PATCH's 405)
 ENDPOINT_METHODS = "POST, OPTIONS"  # what an endpoint URL supports
+
+E = TypeVar("E")  # an entry of PerSession
 
 
 async def read_sdp(request: web.Request, timeout: float) -> str:
@@ -246,6 +250,82 @@ class SessionLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+class PerSession(Generic[E]):
+    """At most one outgoing publication per session (``whip.Pushes``: a WHIP or RTMP
+    push; ``janus.JanusFanout``: a Janus publication), by session id.
+
+    Starts and stops of one session run one at a time (:attr:`locks`, a
+    :class:`SessionLocks`; a new start replaces the session's entry); a watchdog, every
+    ``WATCH_INTERVAL_S``, stops the entries of closed sessions and those :meth:`ended`
+    says are over. An entry has ``session`` and an idempotent ``async stop()`` that never
+    raises; what it speaks, and how its failures are reported, is its module's.
+    """
+
+    def __init__(self) -> None:
+        self.by_session: dict[str, E] = {}
+        self.locks = SessionLocks()
+        self._watchdog: asyncio.Task | None = None
+
+    async def replace(self, session: "Session", make: Callable[[], E], begin: Callable[[E], Awaitable[Any]]) -> E:
+        """Under the session's lock: stop its entry, hold ``make()`` as the new one and
+        await ``begin(entry)``; the watchdog then watches it.
+
+        Raises:
+            what ``make`` or ``begin`` raise; after ``begin`` raised, the entry is
+            stopped and dropped first.
+        """
+        async with self.locks.hold(session.id):
+            await self.stop(session.id)
+            entry = make()
+            self.by_session[session.id] = entry
+            try:
+                await begin(entry)
+            except Exception:
+                await self._forget(session.id, entry)
+                raise
+            if self._watchdog is None or self._watchdog.done():
+                self._watchdog = asyncio.ensure_future(self._watch())
+            return entry
+
+    async def _forget(self, session_id: str, entry: E) -> None:
+        """Stop ``entry`` and drop it from :attr:`by_session` if it is still the session's."""
+        if self.by_session.get(session_id) is entry:
+            del self.by_session[session_id]
+        await entry.stop()  # type: ignore[attr-defined]
+
+    async def stop(self, session_id: str) -> bool:
+        """Stop the session's entry; False when it had none."""
+        entry = self.by_session.pop(session_id, None)
+        if entry is None:
+            return False
+        await entry.stop()  # type: ignore[attr-defined]
+        return True
+
+    async def stop_in_turn(self, session_id: str) -> bool:
+        """:meth:`stop` once a start of the session under way is done (``{"stop": true}``
+        requests); False when it had no entry."""
+        async with self.locks.hold(session_id):
+            return await self.stop(session_id)
+
+    async def stop_all(self, app: web.Application | None = None) -> None:
+        """Stop every entry (an ``on_shutdown`` handler)."""
+        await asyncio.gather(*(self.stop(sid) for sid in list(self.by_session)))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def ended(self, entry: E) -> bool:
+        """Whether ``entry`` of an open session is over (the watchdog then stops it); a
+        subclass may report why on the session's bus. Here: never."""
+        return False
+
+    async def _watch(self) -> None:
+        while self.by_session:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            over = [(sid, e) for sid, e in list(self.by_session.items())
+                    if e.session.closed or self.ended(e)]  # type: ignore[attr-defined]
+            await asyncio.gather(*(self._forget(sid, e) for sid, e in over))  # each may wait on a server: together
 
 
 RESOURCES = web.AppKey("wish_resources", Resources)
