@@ -140,7 +140,9 @@ def test_speech_start_within_60ms_of_a_real_onset(piper):
         res = onset_latencies(clip)
         lat = [r[0] for r in res]
         print(f"{name}: speech_start {', '.join(f'{v:.0f}' for v in lat)} ms after the onset")
-        assert all(v >= 0 for v in lat), "an event before the speech"
+        # never before the speech (to the onset estimate's resolution: 5 ms windows at -30 dB;
+        # piper's voice varies run to run, and its faint start can precede the estimate)
+        assert all(v >= -5.0 for v in lat), "an event before the speech"
         assert np.median(lat) <= 60.0 and max(lat) <= 80.0, (name, lat)
         # The reported onset is the start of the first speech frame: within a frame or two.
         assert all(-2 * vad.VAD_FRAME_MS <= r[1] <= vad.VAD_FRAME_MS for r in res), (name, res)
