@@ -30,7 +30,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 import wish
 from api import HTTPError
@@ -76,16 +76,13 @@ class WhepEndpoint:
             pc.addTrack(AvatarAudioTrack(session.worker, join))
             video_sender = pc.addTrack(AvatarVideoTrack(session.worker, join))
             prefer_video_codec(pc, video_sender, getattr(self.server.args, "video_codec", "auto"), sdp)  # --video_codec, if offered
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:  # what check_offer cannot see
+        except Exception as e:  # a track or codec aiortc refuses for this offer
             await self.resources.close(resource, "bad_offer")
             raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
-        if resource.closed:  # its session closed while we answered
-            raise HTTPError(404, "the session closed")
+        answer = await self.resources.answer(resource, sdp)
         log.info("session %s: WHEP viewer %s from %s (%d viewers)", session.id[:8], resource.id[:8],
                  request.remote, self.resources.count(session, KIND))
-        return wish.created(pc.localDescription.sdp, resource.location)
+        return wish.created(answer, resource.location)
 
 
 def setup(app: web.Application, server: Any) -> None:

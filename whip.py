@@ -105,19 +105,10 @@ class WhipEndpoint:
                 await sink.stop()
 
         resource.on_close.append(stop_tasks)
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            for transceiver in pc.getTransceivers():
-                if transceiver.kind == "video":  # we do not use the publisher's video: decline it, never decode it
-                    transceiver.direction = "inactive"
-            await pc.setLocalDescription(await pc.createAnswer())
-        except Exception as e:  # what check_offer cannot see
-            await self.resources.close(resource, "bad_offer")
-            raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
-        if resource.closed:  # its session closed while we answered
-            raise HTTPError(404, "the session closed")
+        # the publisher's video is not used: declined, never decoded
+        answer = await self.resources.answer(resource, sdp, decline_video=True)
         log.info("session %s: WHIP publisher %s from %s", session.id[:8], resource.id[:8], request.remote)
-        return wish.created(pc.localDescription.sdp, resource.location)
+        return wish.created(answer, resource.location)
 
 
 # -- push -----------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
 
 from aiohttp import web
+from aiortc import RTCSessionDescription
 
 from api import HTTPError
 from sessions import on_rtcp
@@ -176,6 +177,28 @@ class Resources:
                 resource.watch_rtcp()
             elif pc.connectionState in ("failed", "closed"):
                 await self.close(resource, "ice_failed" if pc.connectionState == "failed" else "peer_closed")
+
+    async def answer(self, resource: Resource, sdp: str, decline_video: bool = False) -> str:
+        """Apply the peer's offer ``sdp`` to ``resource.pc`` and return the answer SDP.
+
+        ``decline_video``: answer the offer's video as inactive (never decoded).
+        Raises HTTPError 400 (an offer aiortc refuses; the resource is closed) or 404
+        (its session closed meanwhile).
+        """
+        pc = resource.pc
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            if decline_video:
+                for transceiver in pc.getTransceivers():
+                    if transceiver.kind == "video":
+                        transceiver.direction = "inactive"
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as e:  # what check_offer cannot see
+            await self.close(resource, "bad_offer")
+            raise HTTPError(400, f"bad offer: {str(e)[:200]}") from e
+        if resource.closed:  # its session closed while we answered
+            raise HTTPError(404, "the session closed")
+        return pc.localDescription.sdp
 
     async def close(self, resource: Resource, reason: str) -> None:
         """End ``resource`` (idempotent): its peer connection closes, its tracks are
